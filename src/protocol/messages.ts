@@ -1,0 +1,110 @@
+import { createHash } from "node:crypto";
+
+import type { ErrorCode } from "../errors/index.js";
+import { LeaseKeyPrefix } from "./names.js";
+import { encodeIpKey } from "./ip.js";
+
+/** Ask for a pod VM. allocation id = `<podName>-<sandboxId>`. */
+export interface CreateRequest {
+  v: 1;
+  kind: "create";
+  requestId: string;
+  podName: string;
+  podNamespace: string;
+  sandboxId: string;
+  requestingNode: string;
+  /** RFC 3339 time after which the request must not start. */
+  deadline: string;
+  /** cloud-init `#cloud-config` document, UTF-8. */
+  userData: string;
+}
+
+/** Give a pod VM back. */
+export interface DeleteRequest {
+  v: 1;
+  kind: "delete";
+  requestId: string;
+  /** The IP returned as instance id by create. */
+  instanceId: string;
+  /** When given, the delete is refused unless this allocation owns the IP. */
+  allocationId?: string;
+  requestingNode: string;
+  deadline: string;
+}
+
+export type Request = CreateRequest | DeleteRequest;
+
+export interface Instance {
+  id: string;
+  name: string;
+  ips: string[];
+}
+
+export interface HostKeySeen {
+  type: string;
+  fingerprint: string;
+}
+
+export interface ResultError {
+  code: ErrorCode;
+  message: string;
+  retryable: boolean;
+}
+
+export interface SuccessResult {
+  v: 1;
+  requestId: string;
+  ok: true;
+  kind: "create" | "delete";
+  instance?: Instance;
+  allocationId?: string;
+  hostKey?: HostKeySeen;
+  /** Set by delete: what became of the VM. */
+  release?: { state: string; reason?: string };
+  agent: string;
+  finishedAt: string;
+}
+
+export interface FailureResult {
+  v: 1;
+  requestId: string;
+  ok: false;
+  kind?: "create" | "delete";
+  error: ResultError;
+  agent?: string;
+  finishedAt: string;
+}
+
+export type Result = SuccessResult | FailureResult;
+
+/** The allocation id of a pod, as upstream builds it. */
+export function allocationIdOf(podName: string, sandboxId: string): string {
+  return `${podName}-${sandboxId}`;
+}
+
+/** The instance a lease on `ip` stands for. */
+export function instanceOf(ip: string): Instance {
+  return { id: ip, name: `byom-${ip}`, ips: [ip] };
+}
+
+/** KV key of the lease on a canonical IP. */
+export function leaseKey(canonicalIp: string): string {
+  return `${LeaseKeyPrefix.Ip}${encodeIpKey(canonicalIp)}`;
+}
+
+/** KV key of the index entry of an allocation id (validated chars only). */
+export function allocationKey(allocationId: string): string {
+  return `${LeaseKeyPrefix.Allocation}${allocationId}`;
+}
+
+/**
+ * The upstream first pick: MD5 of the allocation id, first four bytes as a
+ * big-endian unsigned integer, modulo the number of free IPs.
+ */
+export function preferredIndex(allocationId: string, freeCount: number): number {
+  if (freeCount <= 0) {
+    return -1;
+  }
+  const digest = createHash("md5").update(allocationId, "utf8").digest();
+  return digest.readUInt32BE(0) % freeCount;
+}
