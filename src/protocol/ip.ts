@@ -79,7 +79,8 @@ function ipv6ToBigInt(text: string): bigint {
 
   const [left = "", right] = head.split("::");
   const leftGroups = left === "" ? [] : left.split(":");
-  const rightGroups = right === undefined || right === "" ? [] : right.split(":");
+  const rightGroups =
+    right === undefined || right === "" ? [] : right.split(":");
   if (tailGroups.length > 0) {
     (right === undefined ? leftGroups : rightGroups).pop();
   }
@@ -101,7 +102,10 @@ function formatIpv6(value: bigint): string {
   }
 
   // RFC 5952: IPv4-mapped addresses keep the dotted tail.
-  if (groups.slice(0, 5).every((group) => group === 0) && groups[5] === 0xffff) {
+  if (
+    groups.slice(0, 5).every((group) => group === 0) &&
+    groups[5] === 0xffff
+  ) {
     return `::ffff:${formatIpv4(value & 0xffffffffn)}`;
   }
 
@@ -109,7 +113,7 @@ function formatIpv6(value: bigint): string {
   // first one on a tie.
   let bestStart = -1;
   let bestLength = 0;
-  for (let start = 0; start < 8; ) {
+  for (let start = 0; start < 8;) {
     if (groups[start] !== 0) {
       start += 1;
       continue;

@@ -101,7 +101,10 @@ export function allocationKey(allocationId: string): string {
  * The upstream first pick: MD5 of the allocation id, first four bytes as a
  * big-endian unsigned integer, modulo the number of free IPs.
  */
-export function preferredIndex(allocationId: string, freeCount: number): number {
+export function preferredIndex(
+  allocationId: string,
+  freeCount: number,
+): number {
   if (freeCount <= 0) {
     return -1;
   }

@@ -93,7 +93,14 @@ export const deleteRequestSchema = {
   $id: "https://byom-nats.dev/schemas/v1/delete-request.json",
   title: "DeleteRequest",
   type: "object",
-  required: ["v", "kind", "requestId", "instanceId", "requestingNode", "deadline"],
+  required: [
+    "v",
+    "kind",
+    "requestId",
+    "instanceId",
+    "requestingNode",
+    "deadline",
+  ],
   properties: {
     v: { const: 1 },
     kind: { const: "delete" },

@@ -35,7 +35,11 @@ export function parseUserData(
       'field "userData" must be valid UTF-8 (found a replacement character)',
     );
   }
-  if (options.requireHeader === true && !text.startsWith(`${header}\n`) && text !== header) {
+  if (
+    options.requireHeader === true &&
+    !text.startsWith(`${header}\n`) &&
+    text !== header
+  ) {
     throw new InvalidRequestError(
       `field "userData" must start with a "${header}" line`,
     );
@@ -45,7 +49,8 @@ export function parseUserData(
   if (document.errors.length > 0) {
     const first = document.errors[0];
     const where = first?.linePos?.[0];
-    const at = where === undefined ? "" : ` at line ${where.line} column ${where.col}`;
+    const at =
+      where === undefined ? "" : ` at line ${where.line} column ${where.col}`;
     throw new InvalidRequestError(
       `field "userData" is not valid YAML${at}: ${first?.code ?? "error"}`,
     );
@@ -79,7 +84,9 @@ function readItem(item: unknown, index: number): UserDataFile {
   if (item === null || typeof item !== "object" || Array.isArray(item)) {
     throw new InvalidRequestError(`field "${field}" must be a mapping`);
   }
-  const extra = Object.keys(item).filter((key) => key !== "path" && key !== "content");
+  const extra = Object.keys(item).filter(
+    (key) => key !== "path" && key !== "content",
+  );
   if (extra.length > 0) {
     throw new InvalidRequestError(
       `field "${field}" has key "${extra[0]}"; only "path" and "content" are accepted`,

@@ -1,19 +1,22 @@
-import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
-import addFormatsModule from "ajv-formats";
+import {
+  Ajv2020,
+  type ErrorObject,
+  type ValidateFunction,
+} from "ajv/dist/2020.js";
 
 import { InvalidRequestError } from "../errors/index.js";
-import type { CreateRequest, DeleteRequest, Request, Result } from "./messages.js";
+import type {
+  CreateRequest,
+  DeleteRequest,
+  Request,
+  Result,
+} from "./messages.js";
 import { PROTOCOL_VERSION, RequestKind } from "./names.js";
 import {
   createRequestSchema,
   deleteRequestSchema,
   resultSchema,
 } from "./schemas.js";
-
-// ajv-formats ships CommonJS with a default export property.
-const addFormats = (addFormatsModule as unknown as {
-  default: typeof addFormatsModule;
-}).default ?? addFormatsModule;
 
 let compiled:
   | {
@@ -25,8 +28,12 @@ let compiled:
 
 function validators(): NonNullable<typeof compiled> {
   if (compiled === undefined) {
-    const ajv = new Ajv2020({ allErrors: false, strict: true, strictRequired: false });
-    addFormats(ajv, ["date-time"]);
+    const ajv = new Ajv2020({
+      allErrors: false,
+      strict: true,
+      strictRequired: false,
+    });
+    ajv.addFormat("date-time", isRfc3339);
     compiled = {
       create: ajv.compile<CreateRequest>(createRequestSchema),
       delete: ajv.compile<DeleteRequest>(deleteRequestSchema),
@@ -34,6 +41,14 @@ function validators(): NonNullable<typeof compiled> {
     };
   }
   return compiled;
+}
+
+const rfc3339 =
+  /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/i;
+
+/** RFC 3339 date-time, as JSON Schema's "date-time" format. */
+function isRfc3339(text: string): boolean {
+  return rfc3339.test(text) && !Number.isNaN(Date.parse(text));
 }
 
 const utf8 = new TextDecoder("utf-8", { fatal: true });
@@ -47,7 +62,8 @@ export function showValue(value: unknown): string {
 function fieldOf(error: ErrorObject): string {
   const path = error.instancePath.replace(/^\//, "").replaceAll("/", ".");
   if (error.keyword === "required") {
-    const missing = (error.params as { missingProperty: string }).missingProperty;
+    const missing = (error.params as { missingProperty: string })
+      .missingProperty;
     return path === "" ? missing : `${path}.${missing}`;
   }
   return path === "" ? "(message)" : path;
@@ -94,7 +110,9 @@ export function parseMessage(bytes: Uint8Array): Record<string, unknown> {
   try {
     text = utf8.decode(bytes);
   } catch (error) {
-    throw new InvalidRequestError("message is not valid UTF-8", { cause: error });
+    throw new InvalidRequestError("message is not valid UTF-8", {
+      cause: error,
+    });
   }
   let parsed: unknown;
   try {
@@ -140,7 +158,10 @@ export function decodeRequest(bytes: Uint8Array, kind?: RequestKind): Request {
   checkVersion(message);
 
   const messageKind = message.kind;
-  if (messageKind !== RequestKind.Create && messageKind !== RequestKind.Delete) {
+  if (
+    messageKind !== RequestKind.Create &&
+    messageKind !== RequestKind.Delete
+  ) {
     throw new InvalidRequestError(
       `field "kind" must be "create" or "delete" (got ${showValue(messageKind)})`,
     );
@@ -156,7 +177,9 @@ export function decodeRequest(bytes: Uint8Array, kind?: RequestKind): Request {
 /** Validates an already parsed request object. */
 export function validateRequest(message: Record<string, unknown>): Request {
   const validate =
-    message.kind === RequestKind.Create ? validators().create : validators().delete;
+    message.kind === RequestKind.Create
+      ? validators().create
+      : validators().delete;
   if (!validate(message)) {
     const first = validate.errors?.[0];
     throw new InvalidRequestError(
@@ -184,7 +207,9 @@ export function decodeResult(bytes: Uint8Array): Result {
 export function requestIdHint(bytes: Uint8Array): string | undefined {
   try {
     const id = parseMessage(bytes).requestId;
-    return typeof id === "string" && /^[A-Za-z0-9_-]{1,64}$/.test(id) ? id : undefined;
+    return typeof id === "string" && /^[A-Za-z0-9_-]{1,64}$/.test(id)
+      ? id
+      : undefined;
   } catch {
     return undefined;
   }
