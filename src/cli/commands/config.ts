@@ -1,0 +1,126 @@
+import type { Command } from "commander";
+
+import {
+  ConfigFileEnv,
+  describeConfigSchema,
+  loadConfig,
+  redactConfig,
+  requirePool,
+  type ByomConfig,
+} from "../../config/index.js";
+
+/** Pools longer than this are shortened in the human output. */
+const fullPoolLimit = 20;
+/** Addresses shown at each end of a shortened pool. */
+const poolEdge = 5;
+
+interface CheckOptions {
+  config?: string;
+  json?: boolean;
+  requirePool?: boolean;
+}
+
+/**
+ * Adds `byom config check`: loads the configuration from the environment
+ * and an optional file, and prints it with secrets hidden, the expanded
+ * pool, the node name and pool warnings. Never connects to NATS. An invalid
+ * value throws the ConfigError, which the CLI prints and exits 2 for.
+ */
+export function registerConfigCommands(program: Command): void {
+  const config = program
+    .command("config")
+    .description("Inspect the configuration");
+
+  config
+    .command("check")
+    .description(
+      "Validate the configuration (environment and file) and print the effective values, secrets hidden",
+    )
+    .option(
+      "--config <file>",
+      "config file, JSON or YAML (default: $BYOM_CONFIG)",
+    )
+    .option("--json", "print JSON instead of a table")
+    .option("--require-pool", "fail when VM_POOL_IPS is empty")
+    .action((options: CheckOptions) => {
+      const loaded = loadConfig(
+        options.config === undefined ? {} : { file: options.config },
+      );
+      if (options.requirePool === true) {
+        requirePool(loaded);
+      }
+
+      const file = options.config ?? configFileFromEnv();
+      if (options.json === true) {
+        console.log(JSON.stringify(checkReport(loaded, file), null, 2));
+      } else {
+        console.log(formatTable(loaded, file));
+      }
+    });
+}
+
+function configFileFromEnv(): string | undefined {
+  const file = process.env[ConfigFileEnv]?.trim() ?? "";
+  return file === "" ? undefined : file;
+}
+
+function checkReport(
+  config: ByomConfig,
+  file: string | undefined,
+): Record<string, unknown> {
+  return {
+    ok: true,
+    file: file ?? null,
+    poolSize: config.pool.length,
+    config: redactConfig(config),
+  };
+}
+
+function formatTable(config: ByomConfig, file: string | undefined): string {
+  const shown = redactConfig(config);
+  const rows = describeConfigSchema().map((row) => [
+    row.key,
+    row.env,
+    JSON.stringify(shown[row.key]),
+  ]);
+  const keyWidth = Math.max(...rows.map((row) => row[0]?.length ?? 0));
+  const envWidth = Math.max(...rows.map((row) => row[1]?.length ?? 0));
+  const lines = rows.map(
+    ([key = "", env = "", value = ""]) =>
+      `  ${key.padEnd(keyWidth)}  ${env.padEnd(envWidth)}  ${value}`,
+  );
+
+  return [
+    `config file: ${file ?? "none"}`,
+    "configuration (secrets hidden):",
+    ...lines,
+    "",
+    `node: ${config.node}`,
+    ...formatPool(config.pool),
+    ...formatWarnings(config.poolWarnings),
+  ].join("\n");
+}
+
+function formatPool(pool: readonly string[]): string[] {
+  if (pool.length === 0) {
+    return ["pool: empty (the agent needs at least one VM IP)"];
+  }
+  const heading = `pool: ${pool.length} IP${pool.length === 1 ? "" : "s"}`;
+  if (pool.length <= fullPoolLimit) {
+    return [heading, ...pool.map((ip) => `  ${ip}`)];
+  }
+  const hidden = pool.length - 2 * poolEdge;
+  return [
+    heading,
+    ...pool.slice(0, poolEdge).map((ip) => `  ${ip}`),
+    `  ... ${hidden} more ...`,
+    ...pool.slice(-poolEdge).map((ip) => `  ${ip}`),
+  ];
+}
+
+function formatWarnings(warnings: readonly string[]): string[] {
+  if (warnings.length === 0) {
+    return [];
+  }
+  return ["warnings:", ...warnings.map((warning) => `  - ${warning}`)];
+}
