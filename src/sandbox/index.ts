@@ -14,7 +14,7 @@ import {
 } from "../errors/index.js";
 import { silentLogger, type Logger } from "../logging/index.js";
 import { vmAddresses } from "./addresses.js";
-import { assertPortFree, isAlive, type HostKeyType } from "./sshd.js";
+import { assertPortFree, isAlive, killTree, type HostKeyType } from "./sshd.js";
 import {
   checkChrootPath,
   checkPrerequisites,
@@ -139,10 +139,44 @@ export async function prepareSandboxStateDir(
   return missing;
 }
 
+/**
+ * Cleans up after a sandbox whose process died without `close()`: kills
+ * each listed sshd that still runs with its config in the VM's dir (and
+ * its connections), removes the VM dirs that lie inside `stateDir`, and
+ * the state dir's lock when its owner is gone. Safe when nothing is left.
+ */
+export async function removeSandboxLeftovers(
+  stateDir: string,
+  vms: ReadonlyArray<Pick<SandboxVmStatus, "dir" | "pid">>,
+): Promise<void> {
+  const root = path.resolve(stateDir);
+  for (const vm of vms) {
+    const dir = path.resolve(vm.dir);
+    if (!dir.startsWith(`${root}${path.sep}`)) {
+      throw new ConfigError(`VM dir ${dir} is outside state dir ${root}`);
+    }
+    if (vm.pid !== undefined && (await commandLine(vm.pid)).includes(dir)) {
+      await killTree(vm.pid);
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  const lock = path.join(root, lockName);
+  const owner = Number((await readFile(lock, "utf8").catch(() => "")).trim());
+  if (!(Number.isInteger(owner) && owner > 0 && isAlive(owner))) {
+    await rm(lock, { force: true });
+  }
+}
+
+async function commandLine(pid: number): Promise<string> {
+  const text = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+  return text.split("\0").join(" ");
+}
+
 /** The IP addresses a sandbox with these options would use. */
 export function sandboxAddresses(
   vms: number,
-  firstIp = defaults.firstIp,
+  firstIp: string = defaults.firstIp,
 ): string[] {
   return vmAddresses(firstIp, vms);
 }

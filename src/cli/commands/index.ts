@@ -1,9 +1,18 @@
 import type { Command } from "commander";
 
+import { registerAgentCommand } from "./agent.js";
 import { registerConfigCommands } from "./config.js";
+import { registerDemoCommand } from "./demo.js";
+import { registerPoolCommands } from "./pool.js";
+import { registerPublishCommands } from "./publish.js";
+import { registerSandboxCommands } from "./sandbox.js";
 
 /** Adds every sub-command to the program. */
 export function registerCommands(program: Command): void {
-  void program;
+  registerDemoCommand(program);
+  registerAgentCommand(program);
+  registerPublishCommands(program);
+  registerPoolCommands(program);
   registerConfigCommands(program);
+  registerSandboxCommands(program);
 }
