@@ -48,7 +48,11 @@ export class ByomError extends Error {
   readonly code: ErrorCode;
   readonly retryable: boolean;
 
-  constructor(code: ErrorCode, message: string, options: ByomErrorOptions = {}) {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    options: ByomErrorOptions = {},
+  ) {
     super(message, options.cause === undefined ? {} : { cause: options.cause });
     this.name = "ByomError";
     this.code = code;

@@ -1,0 +1,451 @@
+import { setTimeout as delay } from "node:timers/promises";
+
+import { jetstream, type Consumer, type JsMsg } from "@nats-io/jetstream";
+import type { KV } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/transport-node";
+
+import { createDelivery, type Delivery } from "../delivery/index.js";
+import {
+  ByomError,
+  ExpiredError,
+  InvalidRequestError,
+  toByomError,
+} from "../errors/index.js";
+import { createTofuPolicy, type HostKeyPolicy } from "../hostkeys/index.js";
+import { createLeaseStore, type LeaseStore } from "../lease/index.js";
+import { errorFields, silentLogger, type Logger } from "../logging/index.js";
+import {
+  Header,
+  RequestKind,
+  decodeRequest,
+  requestIdHint,
+  type FailureResult,
+  type Request,
+  type ResourceNames,
+  type Result,
+} from "../protocol/index.js";
+import {
+  defaultQueueSettings,
+  ensureQueue,
+  openResultBucket,
+  type QueueSettings,
+} from "../transport/index.js";
+import { handleCreate } from "./create.js";
+import { handleDelete, type Outcome } from "./delete.js";
+import { SafeEmitter, type AgentEvents } from "./events.js";
+import { startQuarantineProber, type Prober } from "./prober.js";
+
+/** Plain options of an agent; the CLI builds them from the config. */
+export interface AgentOptions {
+  /** A connected NATS client; the agent does not close it. */
+  nc: NatsConnection;
+  names: ResourceNames;
+  /** Canonical pool IPs in pool order. */
+  pool: readonly string[];
+  /** This agent's identity (the node name), recorded in leases and results. */
+  agentId: string;
+  ssh: {
+    username: string;
+    privateKey: Buffer;
+    passphrase?: string;
+    port: number;
+    /** Per attempt: connect, handshake and auth. */
+    connectTimeoutMs: number;
+  };
+  /** Host-key policy; default TOFU. The agent closes it on close(). */
+  policy?: HostKeyPolicy;
+  queue?: Partial<QueueSettings>;
+  /** Requests served at once by this agent; default 4. */
+  concurrency?: number;
+  /** Wait for a VM to reset after the reboot trigger; default 300 000 ms. */
+  releaseTimeoutMs?: number;
+  /** Period of the quarantine prober; default 30 000 ms; 0 = off. */
+  quarantineProbeIntervalMs?: number;
+  /** Readiness probe budget per VM at claim time; default 3000 ms. */
+  readinessTimeoutMs?: number;
+  logger?: Logger;
+}
+
+/** A running agent. */
+export interface Agent {
+  readonly events: AgentEvents;
+  /** The lease store the agent uses (read it for status). */
+  readonly leases: LeaseStore;
+  status(): AgentStatus;
+  /** Stops pulling, hands back unfinished work, closes; safe to call twice. */
+  close(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+export interface AgentStatus {
+  agentId: string;
+  running: boolean;
+  consumerBound: boolean;
+  inFlight: number;
+  releasesWaiting: number;
+  served: number;
+  hostKeyPolicy: { mode: string; ok: boolean; reason?: string };
+}
+
+/** What the handlers need from the agent. */
+export interface AgentContext {
+  readonly agentId: string;
+  readonly leases: LeaseStore;
+  readonly delivery: Delivery;
+  readonly emitter: SafeEmitter;
+  readonly logger: Logger;
+  readonly releaseTimeoutMs: number;
+  readonly readinessTimeoutMs: number;
+  readonly connectTimeoutMs: number;
+}
+
+/**
+ * Starts an agent: makes sure the stream, consumer and buckets exist,
+ * reconciles the pool, and serves requests until closed.
+ */
+export async function createAgent(options: AgentOptions): Promise<Agent> {
+  const agent = new AgentImpl(options);
+  try {
+    await agent.start();
+  } catch (error) {
+    await agent.close();
+    throw error;
+  }
+  return agent;
+}
+
+class AgentImpl implements Agent {
+  readonly events: SafeEmitter;
+  readonly leases: LeaseStore;
+  readonly #options: AgentOptions;
+  readonly #logger: Logger;
+  readonly #policy: HostKeyPolicy;
+  readonly #delivery: Delivery;
+  readonly #settings: QueueSettings;
+  readonly #background = new Set<Promise<void>>();
+  readonly #workers: Promise<void>[] = [];
+  #results: KV | undefined;
+  #consumer: Consumer | undefined;
+  #prober: Prober | undefined;
+  #running = false;
+  #closing: Promise<void> | undefined;
+  #inFlight = 0;
+  #served = 0;
+
+  constructor(options: AgentOptions) {
+    this.#options = options;
+    this.#logger = (options.logger ?? silentLogger()).child({
+      component: "agent",
+      agent: options.agentId,
+    });
+    this.events = new SafeEmitter(this.#logger);
+    this.#settings = { ...defaultQueueSettings, ...options.queue };
+    this.#policy =
+      options.policy ??
+      createTofuPolicy({
+        logger: this.#logger.child({ component: "hostkeys" }),
+      });
+    this.#delivery = createDelivery({
+      username: options.ssh.username,
+      privateKey: options.ssh.privateKey,
+      ...(options.ssh.passphrase ? { passphrase: options.ssh.passphrase } : {}),
+      port: options.ssh.port,
+      connectTimeoutMs: options.ssh.connectTimeoutMs,
+      policy: this.#policy,
+      logger: this.#logger.child({ component: "delivery" }),
+    });
+    this.leases = createLeaseStore({
+      nc: options.nc,
+      bucket: options.names.leaseBucket,
+      pool: options.pool,
+      agent: options.agentId,
+      replicas: this.#settings.replicas,
+      logger: this.#logger.child({ component: "lease" }),
+    });
+  }
+
+  async start(): Promise<void> {
+    const { nc, names } = this.#options;
+    await ensureQueue(nc, names, this.#settings, this.#logger);
+    this.#results = await openResultBucket(nc, names, this.#settings);
+
+    const report = await this.leases.start();
+    this.#logger.info(
+      {
+        pool: this.#options.pool.length,
+        created: report.created.length,
+        orphans: report.orphans.map((lease) => lease.record.ip),
+      },
+      "pool reconciled",
+    );
+    for (const orphan of report.orphans) {
+      this.#logger.warn(
+        { ip: orphan.record.ip, state: orphan.record.state },
+        "lease for an IP no longer in VM_POOL_IPS; left untouched",
+      );
+    }
+
+    this.#consumer = await jetstream(nc).consumers.get(
+      names.stream,
+      names.consumer,
+    );
+    this.#running = true;
+    const concurrency = this.#options.concurrency ?? 4;
+    for (let index = 0; index < concurrency; index += 1) {
+      this.#workers.push(this.#work(this.#consumer));
+    }
+
+    const interval = this.#options.quarantineProbeIntervalMs ?? 30_000;
+    if (interval > 0) {
+      this.#prober = startQuarantineProber({
+        context: this.#context(),
+        intervalMs: interval,
+      });
+    }
+    this.#logger.info({ concurrency }, "agent serving requests");
+  }
+
+  status(): AgentStatus {
+    const readiness = this.#policy.readiness();
+    return {
+      agentId: this.#options.agentId,
+      running: this.#running,
+      consumerBound: this.#consumer !== undefined && this.#running,
+      inFlight: this.#inFlight,
+      releasesWaiting: this.#background.size,
+      served: this.#served,
+      hostKeyPolicy: {
+        mode: this.#policy.mode,
+        ok: readiness.ok,
+        ...(readiness.reason ? { reason: readiness.reason } : {}),
+      },
+    };
+  }
+
+  #context(): AgentContext {
+    return {
+      agentId: this.#options.agentId,
+      leases: this.leases,
+      delivery: this.#delivery,
+      emitter: this.events,
+      logger: this.#logger,
+      releaseTimeoutMs: this.#options.releaseTimeoutMs ?? 300_000,
+      readinessTimeoutMs: this.#options.readinessTimeoutMs ?? 3000,
+      connectTimeoutMs: this.#options.ssh.connectTimeoutMs,
+    };
+  }
+
+  async #work(consumer: Consumer): Promise<void> {
+    while (this.#running) {
+      let message: JsMsg | null;
+      try {
+        message = await consumer.next({ expires: 2000 });
+      } catch (error) {
+        if (!this.#running) {
+          return;
+        }
+        this.#logger.warn({ err: errorFields(error) }, "pull failed; retrying");
+        await delay(500);
+        continue;
+      }
+      if (message === null) {
+        continue;
+      }
+      this.#inFlight += 1;
+      try {
+        await this.#handle(message);
+      } finally {
+        this.#inFlight -= 1;
+      }
+    }
+  }
+
+  async #handle(message: JsMsg): Promise<void> {
+    const started = Date.now();
+    const heartbeat = setInterval(
+      () => message.working(),
+      Math.max(1000, Math.floor(this.#settings.ackWaitMs / 3)),
+    );
+    const replyTo = message.headers?.get(Header.ReplyTo) ?? "";
+    const requestId =
+      message.headers?.get(Header.MsgId) ||
+      requestIdHint(message.data) ||
+      "unknown";
+    const log = this.#logger.child({ requestId, subject: message.subject });
+    let outcome: Outcome;
+
+    try {
+      outcome = await this.#process(message, requestId, log);
+    } catch (error) {
+      outcome = {
+        result: failure(requestId, toByomError(error), this.#options.agentId),
+      };
+    }
+
+    try {
+      await this.#publish(outcome.result, replyTo);
+    } catch (error) {
+      // Unanswered: let the server redeliver (the handlers are idempotent).
+      clearInterval(heartbeat);
+      log.warn(
+        { err: errorFields(error) },
+        "could not publish result; will be redelivered",
+      );
+      message.nak(1000);
+      return;
+    }
+    this.#served += 1;
+    this.events.emit("request:done", {
+      result: outcome.result,
+      durationMs: Date.now() - started,
+    });
+    logResult(log, outcome.result, Date.now() - started);
+
+    if (outcome.after === undefined) {
+      clearInterval(heartbeat);
+      message.ack();
+      return;
+    }
+    // The rest (waiting for the VM to reset) runs beside the workers; the
+    // message stays in progress until it ends, so a crash hands it over.
+    const task = outcome
+      .after()
+      .then(
+        () => message.ack(),
+        (error: unknown) => {
+          if (!this.#running) {
+            message.nak();
+            return;
+          }
+          log.error({ err: errorFields(error) }, "release follow-up failed");
+          message.ack();
+        },
+      )
+      .finally(() => {
+        clearInterval(heartbeat);
+        this.#background.delete(task);
+      });
+    this.#background.add(task);
+  }
+
+  async #process(
+    message: JsMsg,
+    requestId: string,
+    log: Logger,
+  ): Promise<Outcome> {
+    const kind = kindOf(message.subject, this.#options.names);
+    this.events.emit("request:received", {
+      requestId,
+      kind: kind ?? "unknown",
+    });
+
+    let request: Request;
+    try {
+      if (kind === undefined) {
+        throw new InvalidRequestError(
+          `subject "${message.subject}" names no request kind`,
+        );
+      }
+      request = decodeRequest(message.data, kind);
+    } catch (error) {
+      log.warn({ err: errorFields(error) }, "invalid request");
+      throw error;
+    }
+
+    if (Date.parse(request.deadline) < Date.now()) {
+      throw new ExpiredError(
+        `request ${request.requestId} expired at ${request.deadline} before an agent started it`,
+      );
+    }
+
+    const context = { ...this.#context(), logger: log };
+    return request.kind === RequestKind.Create
+      ? { result: await handleCreate(context, request) }
+      : handleDelete(context, request);
+  }
+
+  async #publish(result: Result, replyTo: string): Promise<void> {
+    const data = new TextEncoder().encode(JSON.stringify(result));
+    if (result.requestId !== "unknown") {
+      await this.#results?.put(result.requestId, data);
+    }
+    if (replyTo !== "") {
+      this.#options.nc.publish(replyTo, data);
+    }
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
+    this.#running = false;
+    const steps: Array<[string, () => Promise<unknown>]> = [
+      ["prober", async () => this.#prober?.close()],
+      ["workers", () => Promise.allSettled(this.#workers)],
+      // Releases still waiting are handed back: the unacked messages are
+      // redelivered to another agent, which resumes the wait.
+      ["delivery", () => this.#delivery.close()],
+      ["releases", () => Promise.allSettled([...this.#background])],
+      ["leases", () => this.leases.close()],
+      ["policy", () => this.#policy.close()],
+    ];
+    for (const [name, step] of steps) {
+      try {
+        await step();
+      } catch (error) {
+        this.#logger.warn(
+          { err: errorFields(error), step: name },
+          "close step failed",
+        );
+      }
+    }
+    this.#logger.info({ served: this.#served }, "agent closed");
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
+
+function kindOf(
+  subject: string,
+  names: ResourceNames,
+): RequestKind | undefined {
+  const suffix = subject.slice(names.subjectPrefix.length + 1);
+  return Object.values(RequestKind).find((kind) => kind === suffix);
+}
+
+function failure(
+  requestId: string,
+  error: ByomError,
+  agent: string,
+): FailureResult {
+  return {
+    v: 1,
+    requestId,
+    ok: false,
+    error: {
+      code: error.code,
+      message: error.message,
+      retryable: error.retryable,
+    },
+    agent,
+    finishedAt: new Date().toISOString(),
+  };
+}
+
+function logResult(log: Logger, result: Result, durationMs: number): void {
+  if (result.ok) {
+    log.info(
+      { kind: result.kind, ip: result.instance?.id, durationMs },
+      "request served",
+    );
+  } else {
+    log.warn(
+      { code: result.error.code, reason: result.error.message, durationMs },
+      "request failed",
+    );
+  }
+}

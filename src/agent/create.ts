@@ -1,0 +1,228 @@
+import {
+  ByomError,
+  ExpiredError,
+  HostKeyRejectedError,
+  VmUnreachableError,
+  toByomError,
+} from "../errors/index.js";
+import type { Lease } from "../lease/index.js";
+import { errorFields } from "../logging/index.js";
+import {
+  LeaseState,
+  RemotePath,
+  allocationIdOf,
+  instanceOf,
+  parseUserData,
+  type CreateRequest,
+  type SuccessResult,
+} from "../protocol/index.js";
+import type { AgentContext } from "./agent.js";
+
+const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
+
+/**
+ * Serves a create request: lease (idempotent by allocation id), check the
+ * VM, deliver user-data, mark the lease ready. A VM that fails its checks
+ * is quarantined and the next free one is tried.
+ */
+export async function handleCreate(
+  context: AgentContext,
+  request: CreateRequest,
+): Promise<SuccessResult> {
+  parseUserData(request.userData, { requireHeader: true });
+  const data = Buffer.from(request.userData, "utf8");
+  const allocationId = allocationIdOf(request.podName, request.sandboxId);
+  const deadline = new Date(request.deadline);
+  const log = context.logger.child({ allocationId });
+  const tried = new Set<string>();
+
+  for (;;) {
+    if (Date.now() > deadline.getTime()) {
+      throw new ExpiredError(
+        `request ${request.requestId} reached its deadline ${request.deadline} before a VM was ready`,
+      );
+    }
+    const { lease, existing } = await context.leases.acquire(
+      {
+        allocationId,
+        requestId: request.requestId,
+        podName: request.podName,
+        podNamespace: request.podNamespace,
+        requestingNode: request.requestingNode,
+      },
+      { exclude: tried },
+    );
+    const ip = lease.record.ip;
+    context.emitter.emit("lease:acquired", { ip, allocationId, existing });
+    log.info({ ip, existing, state: lease.record.state }, "lease acquired");
+
+    if (lease.record.state === LeaseState.Ready && lease.record.hostKey) {
+      return success(context, request, allocationId, lease);
+    }
+
+    const problem = await checkVm(context, ip, existing);
+    if (problem !== undefined) {
+      await quarantine(context, ip, allocationId, problem);
+      tried.add(ip);
+      continue;
+    }
+
+    try {
+      const delivered = await context.delivery.deliver(ip, data, { deadline });
+      context.emitter.emit("delivery:done", { ip, ...delivered });
+      log.info(
+        {
+          ip,
+          bytes: delivered.bytes,
+          sha256: delivered.sha256,
+          keyType: delivered.hostKey.type,
+          fingerprint: delivered.hostKey.fingerprint,
+        },
+        "user-data delivered",
+      );
+      const ready = await context.leases.markReady(
+        ip,
+        allocationId,
+        delivered.hostKey,
+      );
+      return success(context, request, allocationId, ready);
+    } catch (error) {
+      const failure = toByomError(error);
+      context.emitter.emit("delivery:failed", { ip, error: failure });
+      if (failure instanceof HostKeyRejectedError) {
+        await quarantine(
+          context,
+          ip,
+          allocationId,
+          `host key not allowed: ${failure.message}`,
+        );
+        tried.add(ip);
+        continue;
+      }
+      await giveBack(context, ip, allocationId, failure);
+      throw failure;
+    }
+  }
+}
+
+/**
+ * Readiness at claim time: the SSH port answers (short backoff), the host
+ * key is acceptable, and a fresh claim finds no user-data left over.
+ * Returns the reason to quarantine, or undefined when the VM is fit.
+ */
+async function checkVm(
+  context: AgentContext,
+  ip: string,
+  existing: boolean,
+): Promise<string | undefined> {
+  try {
+    await probeWithBackoff(context, ip);
+    const seen = await context.delivery.inspect(ip, {
+      timeoutMs: context.connectTimeoutMs,
+    });
+    // A lease this allocation already held may hold our own earlier write.
+    if (!existing && seen.cidataEntries.includes(userDataName)) {
+      return "cidata/user-data present at claim time: the VM never reset";
+    }
+    return undefined;
+  } catch (error) {
+    const failure = toByomError(error);
+    if (failure instanceof HostKeyRejectedError) {
+      return `host key not allowed: ${failure.message}`;
+    }
+    if (failure instanceof VmUnreachableError) {
+      return `unreachable: ${failure.message}`;
+    }
+    throw failure;
+  }
+}
+
+async function probeWithBackoff(
+  context: AgentContext,
+  ip: string,
+): Promise<void> {
+  const until = Date.now() + context.readinessTimeoutMs;
+  let pauseMs = 100;
+  for (;;) {
+    const left = until - Date.now();
+    try {
+      await context.delivery.probe(ip, {
+        timeoutMs: Math.max(200, Math.min(left, 2000)),
+      });
+      return;
+    } catch (error) {
+      if (Date.now() + pauseMs >= until) {
+        throw error;
+      }
+      await new Promise((resolve) => setTimeout(resolve, pauseMs));
+      pauseMs = Math.min(pauseMs * 2, 1000);
+    }
+  }
+}
+
+async function quarantine(
+  context: AgentContext,
+  ip: string,
+  allocationId: string,
+  reason: string,
+): Promise<void> {
+  context.logger.warn(
+    { ip, allocationId, reason },
+    "quarantining VM; trying the next one",
+  );
+  await context.leases.quarantine(ip, reason, {
+    expectAllocationId: allocationId,
+  });
+  context.emitter.emit("lease:quarantined", { ip, reason });
+}
+
+/** Frees a claim whose delivery failed for a reason that is not the VM's. */
+async function giveBack(
+  context: AgentContext,
+  ip: string,
+  allocationId: string,
+  failure: ByomError,
+): Promise<void> {
+  try {
+    if (failure instanceof VmUnreachableError) {
+      await quarantine(
+        context,
+        ip,
+        allocationId,
+        `unreachable during delivery: ${failure.message}`,
+      );
+      return;
+    }
+    await context.leases.free(ip, {
+      from: [LeaseState.Claimed],
+      reason: `delivery failed: ${failure.code}`,
+    });
+  } catch (error) {
+    context.logger.error(
+      { ip, allocationId, err: errorFields(error) },
+      "could not give back the claim after a failed delivery",
+    );
+  }
+}
+
+function success(
+  context: AgentContext,
+  request: CreateRequest,
+  allocationId: string,
+  lease: Lease,
+): SuccessResult {
+  const hostKey = lease.record.hostKey;
+  return {
+    v: 1,
+    requestId: request.requestId,
+    ok: true,
+    kind: "create",
+    instance: instanceOf(lease.record.ip),
+    allocationId,
+    ...(hostKey
+      ? { hostKey: { type: hostKey.type, fingerprint: hostKey.fingerprint } }
+      : {}),
+    agent: context.agentId,
+    finishedAt: new Date().toISOString(),
+  };
+}

@@ -1,0 +1,141 @@
+import {
+  HostKeyRejectedError,
+  InvalidRequestError,
+  toByomError,
+} from "../errors/index.js";
+import { errorFields } from "../logging/index.js";
+import {
+  LeaseState,
+  canonicalIp,
+  showValue,
+  type DeleteRequest,
+  type Result,
+  type SuccessResult,
+} from "../protocol/index.js";
+import type { AgentContext } from "./agent.js";
+
+/** A result to publish now, and work that goes on after it. */
+export interface Outcome {
+  result: Result;
+  after?: () => Promise<void>;
+}
+
+/**
+ * Serves a delete: refuses a caller that does not own the IP, writes the
+ * reboot trigger over a connection that must present the key pinned at
+ * delivery, marks the lease `releasing` and answers; then waits for the VM
+ * to reset before freeing it (or quarantines it after the deadline).
+ */
+export async function handleDelete(
+  context: AgentContext,
+  request: DeleteRequest,
+): Promise<Outcome> {
+  const ip = canonicalIp(request.instanceId);
+  if (ip === undefined) {
+    throw new InvalidRequestError(
+      `field "instanceId" must be an IP address (got ${showValue(request.instanceId)})`,
+    );
+  }
+  const log = context.logger.child({ ip });
+
+  const current = await context.leases.get(ip);
+  const state = current?.record.state;
+  if (current === undefined || state === LeaseState.Free) {
+    log.info(
+      { state: state ?? "unknown" },
+      "delete of a free or unknown IP: nothing to do",
+    );
+    return { result: released(context, request, ip, state ?? "unknown") };
+  }
+  if (state === LeaseState.Quarantined) {
+    return {
+      result: released(context, request, ip, state, current.record.reason),
+    };
+  }
+
+  const wasReleasing = state === LeaseState.Releasing;
+  const lease = await context.leases.beginRelease(ip, request.allocationId);
+  if (lease === undefined) {
+    return { result: released(context, request, ip, LeaseState.Free) };
+  }
+  const pinned = lease.record.hostKey?.fingerprint;
+
+  if (!wasReleasing) {
+    const triggerDeadline = new Date(
+      Math.min(
+        Date.parse(request.deadline),
+        Date.now() + 3 * context.connectTimeoutMs,
+      ),
+    );
+    try {
+      await context.delivery.triggerReboot(ip, {
+        deadline: triggerDeadline,
+        ...(pinned ? { pinnedFingerprint: pinned } : {}),
+      });
+      log.info({ fingerprint: pinned }, "reboot trigger written");
+    } catch (error) {
+      const failure = toByomError(error);
+      if (failure instanceof HostKeyRejectedError) {
+        log.error(
+          { alert: "host-key-changed", pinned, err: errorFields(failure) },
+          "VM presented a different host key than at delivery; nothing written",
+        );
+      }
+      const reason = `reboot trigger failed: ${failure.message}`;
+      await context.leases.quarantine(ip, reason);
+      context.emitter.emit("lease:quarantined", { ip, reason });
+      return {
+        result: released(context, request, ip, LeaseState.Quarantined, reason),
+      };
+    }
+  }
+
+  return {
+    result: released(context, request, ip, LeaseState.Releasing),
+    after: () => finishRelease(context, ip, pinned),
+  };
+}
+
+async function finishRelease(
+  context: AgentContext,
+  ip: string,
+  previousFingerprint: string | undefined,
+): Promise<void> {
+  const log = context.logger.child({ ip });
+  try {
+    const reset = await context.delivery.waitForReset(ip, {
+      deadline: new Date(Date.now() + context.releaseTimeoutMs),
+      ...(previousFingerprint ? { previousFingerprint } : {}),
+    });
+    await context.leases.free(ip, { from: [LeaseState.Releasing] });
+    context.emitter.emit("lease:released", { ip });
+    log.info(
+      { fingerprint: reset.hostKey.fingerprint },
+      "VM reset; back in the pool",
+    );
+  } catch (error) {
+    const reason = `did not reset within ${context.releaseTimeoutMs} ms: ${toByomError(error).message}`;
+    await context.leases.quarantine(ip, reason);
+    context.emitter.emit("lease:quarantined", { ip, reason });
+    log.warn({ reason }, "VM quarantined after release");
+  }
+}
+
+function released(
+  context: AgentContext,
+  request: DeleteRequest,
+  ip: string,
+  state: string,
+  reason?: string,
+): SuccessResult {
+  return {
+    v: 1,
+    requestId: request.requestId,
+    ok: true,
+    kind: "delete",
+    release: { state, ...(reason ? { reason } : {}) },
+    ...(request.allocationId ? { allocationId: request.allocationId } : {}),
+    agent: context.agentId,
+    finishedAt: new Date().toISOString(),
+  };
+}

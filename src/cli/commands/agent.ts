@@ -1,0 +1,88 @@
+import type { Command } from "commander";
+
+import { createAgent } from "../../agent/index.js";
+import {
+  loadConfig,
+  requirePool,
+  type ByomConfig,
+} from "../../config/index.js";
+import { loadPrivateKey } from "../../delivery/index.js";
+import type { Logger } from "../../logging/index.js";
+import { connectNats } from "../../transport/index.js";
+import { createRootLogger, natsOptionsFrom, untilSignal } from "../runtime.js";
+
+/** `byom agent`: serve create/delete requests until SIGTERM. */
+export function registerAgentCommand(program: Command): void {
+  program
+    .command("agent")
+    .description(
+      "serve create/delete requests: lease VMs from VM_POOL_IPS and deliver user-data over SFTP",
+    )
+    .option(
+      "-c, --config <file>",
+      "config file (JSON or YAML); env wins over it",
+    )
+    .action(async (options: { config?: string }) => {
+      const config = loadConfig(options.config ? { file: options.config } : {});
+      const logger = createRootLogger(config);
+      await runAgent(config, logger);
+    });
+}
+
+/** Runs an agent from a loaded config until a signal arrives. */
+export async function runAgent(
+  config: ByomConfig,
+  logger: Logger,
+): Promise<void> {
+  const pool = requirePool(config);
+  for (const warning of config.poolWarnings) {
+    logger.warn({ warning }, "VM_POOL_IPS");
+  }
+  const key = await loadPrivateKey(
+    config.sshPrivKeyPath,
+    config.sshPrivKeyPassphrase || undefined,
+  );
+  logger.info(
+    {
+      keyType: key.type,
+      fingerprint: key.publicFingerprint,
+      path: config.sshPrivKeyPath,
+    },
+    "loaded SSH private key",
+  );
+
+  const nc = await connectNats(
+    natsOptionsFrom(config, `byom-agent-${config.node}`, logger),
+  );
+  try {
+    const agent = await createAgent({
+      nc,
+      names: config.names,
+      pool,
+      agentId: config.node,
+      ssh: {
+        username: config.sshUsername,
+        privateKey: key.key,
+        ...(config.sshPrivKeyPassphrase
+          ? { passphrase: config.sshPrivKeyPassphrase }
+          : {}),
+        port: config.sshPort,
+        connectTimeoutMs: config.sshTimeoutSeconds * 1000,
+      },
+      queue: {
+        ackWaitMs: config.ackWaitMs,
+        maxDeliver: config.maxDeliver,
+        requestMaxAgeMs: config.requestMaxAgeMs,
+        replicas: config.replicas,
+      },
+      concurrency: config.concurrency,
+      releaseTimeoutMs: config.releaseTimeoutMs,
+      quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
+      logger,
+    });
+    await untilSignal(logger);
+    await agent.close();
+  } finally {
+    await nc.drain().catch(() => nc.close());
+  }
+}

@@ -1,0 +1,206 @@
+import type { Command } from "commander";
+
+import { operatorReasonPrefix } from "../../agent/index.js";
+import {
+  loadConfig,
+  requirePool,
+  type ByomConfig,
+} from "../../config/index.js";
+import { InvalidRequestError } from "../../errors/index.js";
+import {
+  createLeaseStore,
+  type Lease,
+  type LeaseStore,
+} from "../../lease/index.js";
+import { canonicalIp, showValue } from "../../protocol/index.js";
+import { connectNats } from "../../transport/index.js";
+import { failWith, natsOptionsFrom } from "../runtime.js";
+
+interface PoolOptions {
+  config?: string;
+  json?: boolean;
+}
+
+/** One row per lease: IP, state, pod, node, since, reason. */
+export function formatPoolTable(leases: readonly Lease[]): string {
+  const header = ["IP", "STATE", "POD", "NODE", "SINCE", "REASON"];
+  const rows = leases.map(({ record }) => [
+    record.ip,
+    record.state,
+    record.podName
+      ? `${record.podNamespace ?? "default"}/${record.podName}`
+      : "-",
+    record.requestingNode ?? "-",
+    record.since,
+    record.reason ?? "",
+  ]);
+  const widths = header.map((title, column) =>
+    Math.max(title.length, ...rows.map((row) => (row[column] ?? "").length)),
+  );
+  return [header, ...rows]
+    .map((row) =>
+      row
+        .map((cell, column) => cell.padEnd(widths[column] ?? 0))
+        .join("  ")
+        .trimEnd(),
+    )
+    .join("\n");
+}
+
+async function withLeases<T>(
+  options: PoolOptions,
+  run: (leases: LeaseStore, config: ByomConfig) => Promise<T>,
+): Promise<T> {
+  const config = loadConfig(options.config ? { file: options.config } : {});
+  const pool = requirePool(config);
+  const nc = await connectNats(
+    natsOptionsFrom(config, `byom-pool-${config.node}`),
+  );
+  const leases = createLeaseStore({
+    nc,
+    bucket: config.names.leaseBucket,
+    pool,
+    agent: `cli@${config.node}`,
+    replicas: config.replicas,
+  });
+  try {
+    await leases.start();
+    return await run(leases, config);
+  } finally {
+    await leases.close();
+    await nc.close();
+  }
+}
+
+function poolIp(text: string, config: ByomConfig): string {
+  const ip = canonicalIp(text);
+  if (ip === undefined || !config.pool.includes(ip)) {
+    throw new InvalidRequestError(
+      `IP ${showValue(text)} is not in the pool (VM_POOL_IPS has ${config.pool.length} IPs; see byom config check)`,
+    );
+  }
+  return ip;
+}
+
+function printLease(lease: Lease, json: boolean, verb: string): void {
+  if (json) {
+    console.log(
+      JSON.stringify({
+        ok: true,
+        lease: lease.record,
+        revision: lease.revision,
+      }),
+    );
+  } else {
+    console.log(`${verb} ${lease.record.ip}: now ${lease.record.state}`);
+  }
+}
+
+/** `byom pool ...`: read the pool and act on single leases. */
+export function registerPoolCommands(program: Command): void {
+  const pool = program
+    .command("pool")
+    .description("read the VM pool and act on leases");
+  const common = (command: Command): Command =>
+    command
+      .option("-c, --config <file>", "config file (JSON or YAML)")
+      .option("--json", "print JSON");
+
+  common(
+    pool.command("status").description("counts of leases by state"),
+  ).action(async (options: PoolOptions) => {
+    try {
+      const counts = await withLeases(options, (leases) => leases.counts());
+      if (options.json) {
+        console.log(JSON.stringify({ ok: true, counts }));
+        return;
+      }
+      for (const [state, count] of Object.entries(counts)) {
+        console.log(`${state.padEnd(12)} ${count}`);
+      }
+    } catch (error) {
+      failWith(error, options.json === true);
+    }
+  });
+
+  common(
+    pool
+      .command("list")
+      .description("every lease: IP, state, pod, node, since, reason"),
+  ).action(async (options: PoolOptions) => {
+    try {
+      const leases = await withLeases(options, (store) => store.list());
+      console.log(
+        options.json
+          ? JSON.stringify({
+              ok: true,
+              leases: leases.map((lease) => lease.record),
+            })
+          : formatPoolTable(leases),
+      );
+    } catch (error) {
+      failWith(error, options.json === true);
+    }
+  });
+
+  common(
+    pool
+      .command("release")
+      .description("force a lease back to free (the VM must already be clean)"),
+  )
+    .argument("<ip>", "pool IP")
+    .option("--force", "required: you confirm the VM holds no pod's data")
+    .action(async (ip: string, options: PoolOptions & { force?: boolean }) => {
+      try {
+        if (options.force !== true) {
+          throw new InvalidRequestError(
+            "pool release frees a VM without a reboot; add --force to confirm",
+          );
+        }
+        const lease = await withLeases(options, (leases, config) =>
+          leases.forceRelease(poolIp(ip, config)),
+        );
+        printLease(lease, options.json === true, "released");
+      } catch (error) {
+        failWith(error, options.json === true);
+      }
+    });
+
+  common(
+    pool
+      .command("quarantine")
+      .description("take a VM out of service until unquarantined"),
+  )
+    .argument("<ip>", "pool IP")
+    .requiredOption("--reason <text>", "why (kept in the lease)")
+    .action(async (ip: string, options: PoolOptions & { reason: string }) => {
+      try {
+        const lease = await withLeases(options, (leases, config) =>
+          leases.quarantine(
+            poolIp(ip, config),
+            `${operatorReasonPrefix} ${options.reason}`,
+          ),
+        );
+        printLease(lease, options.json === true, "quarantined");
+      } catch (error) {
+        failWith(error, options.json === true);
+      }
+    });
+
+  common(
+    pool
+      .command("unquarantine")
+      .description("return a quarantined VM to the pool"),
+  )
+    .argument("<ip>", "pool IP")
+    .action(async (ip: string, options: PoolOptions) => {
+      try {
+        const lease = await withLeases(options, (leases, config) =>
+          leases.unquarantine(poolIp(ip, config)),
+        );
+        printLease(lease, options.json === true, "unquarantined");
+      } catch (error) {
+        failWith(error, options.json === true);
+      }
+    });
+}

@@ -1,0 +1,176 @@
+import { readFile } from "node:fs/promises";
+
+import type { Command } from "commander";
+
+import { loadConfig, type ByomConfig } from "../../config/index.js";
+import { InvalidRequestError } from "../../errors/index.js";
+import { createPublisher, type Publisher } from "../../publisher/index.js";
+import { connectNats } from "../../transport/index.js";
+import { createRootLogger, failWith, natsOptionsFrom } from "../runtime.js";
+
+interface CommonOptions {
+  config?: string;
+  json?: boolean;
+  timeoutMs?: string;
+  requestId?: string;
+}
+
+async function withPublisher<T>(
+  options: CommonOptions,
+  run: (publisher: Publisher, config: ByomConfig) => Promise<T>,
+): Promise<T> {
+  const config = loadConfig(options.config ? { file: options.config } : {});
+  const logger = createRootLogger({
+    ...config,
+    logLevel: config.logLevel === "info" ? "warn" : config.logLevel,
+  });
+  const nc = await connectNats(
+    natsOptionsFrom(config, `byom-cli-${config.node}`),
+  );
+  try {
+    const publisher = createPublisher({
+      nc,
+      names: config.names,
+      requestingNode: config.node,
+      requestTimeoutMs: config.requestTimeoutMs,
+      maxUserDataBytes: config.maxUserDataBytes,
+      logger,
+    });
+    return await run(publisher, config);
+  } finally {
+    await nc.close();
+  }
+}
+
+function timeoutOf(options: CommonOptions): number | undefined {
+  if (options.timeoutMs === undefined) {
+    return undefined;
+  }
+  const value = Number(options.timeoutMs);
+  if (!Number.isInteger(value) || value <= 0) {
+    throw new InvalidRequestError(
+      `--timeout-ms "${options.timeoutMs}" must be a positive integer number of milliseconds`,
+    );
+  }
+  return value;
+}
+
+/** `byom create` and `byom delete`: the publisher from a shell. */
+export function registerPublishCommands(program: Command): void {
+  program
+    .command("create")
+    .description(
+      "provision a pod VM: send a create request and print the instance",
+    )
+    .requiredOption("--pod <name>", "pod name (DNS-1123)")
+    .requiredOption(
+      "--sandbox-id <id>",
+      "sandbox id; allocation id = <pod>-<sandbox-id>",
+    )
+    .option("--namespace <ns>", "pod namespace", "default")
+    .requiredOption(
+      "--user-data <file>",
+      "cloud-init #cloud-config file to deliver",
+    )
+    .option("--request-id <id>", "request id (reuse it to retry safely)")
+    .option("--timeout-ms <ms>", "how long to wait for the result")
+    .option("-c, --config <file>", "config file (JSON or YAML)")
+    .option("--json", "print JSON")
+    .action(
+      async (
+        options: CommonOptions & {
+          pod: string;
+          sandboxId: string;
+          namespace: string;
+          userData: string;
+        },
+      ) => {
+        const json = options.json === true;
+        try {
+          const userData = await readUserData(options.userData);
+          const timeoutMs = timeoutOf(options);
+          const created = await withPublisher(options, (publisher) =>
+            publisher.createInstance({
+              podName: options.pod,
+              podNamespace: options.namespace,
+              sandboxId: options.sandboxId,
+              userData,
+              ...(options.requestId ? { requestId: options.requestId } : {}),
+              ...(timeoutMs ? { timeoutMs } : {}),
+            }),
+          );
+          if (json) {
+            console.log(JSON.stringify({ ok: true, ...created }));
+            return;
+          }
+          console.log(
+            `created ${created.instance.name} (ip ${created.instance.id}) for ${options.namespace}/${options.pod}`,
+          );
+          console.log(`  allocation  ${created.allocationId}`);
+          if (created.hostKey) {
+            console.log(
+              `  host key    ${created.hostKey.type} ${created.hostKey.fingerprint}`,
+            );
+          }
+          console.log(`  request     ${created.requestId}`);
+        } catch (error) {
+          failWith(error, json);
+        }
+      },
+    );
+
+  program
+    .command("delete")
+    .description(
+      "give a pod VM back: reboot trigger, then free once the VM has reset",
+    )
+    .argument("<ip>", "instance id (the VM's IP) returned by create")
+    .option("--allocation-id <id>", "refuse unless this allocation owns the IP")
+    .option("--request-id <id>", "request id (reuse it to retry safely)")
+    .option("--timeout-ms <ms>", "how long to wait for the result")
+    .option("-c, --config <file>", "config file (JSON or YAML)")
+    .option("--json", "print JSON")
+    .action(
+      async (
+        ip: string,
+        options: CommonOptions & { allocationId?: string },
+      ) => {
+        const json = options.json === true;
+        try {
+          const timeoutMs = timeoutOf(options);
+          const deleted = await withPublisher(options, (publisher) =>
+            publisher.deleteInstance({
+              instanceId: ip,
+              ...(options.allocationId
+                ? { allocationId: options.allocationId }
+                : {}),
+              ...(options.requestId ? { requestId: options.requestId } : {}),
+              ...(timeoutMs ? { timeoutMs } : {}),
+            }),
+          );
+          if (json) {
+            console.log(JSON.stringify({ ok: true, ...deleted }));
+            return;
+          }
+          const reason = deleted.release.reason
+            ? ` (${deleted.release.reason})`
+            : "";
+          console.log(`deleted ${ip}: VM is ${deleted.release.state}${reason}`);
+        } catch (error) {
+          failWith(error, json);
+        }
+      },
+    );
+}
+
+async function readUserData(path: string): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (error) {
+    const reason = (error as NodeJS.ErrnoException).code ?? String(error);
+    throw new InvalidRequestError(
+      `--user-data "${path}" cannot be read: ${reason}`,
+      { cause: error },
+    );
+  }
+}

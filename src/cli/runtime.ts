@@ -1,0 +1,108 @@
+import { pino, type Logger } from "pino";
+
+import type { NatsConnectOptions } from "../transport/index.js";
+import { ByomError, toByomError } from "../errors/index.js";
+import { exitCodeOf, CliExit } from "./exit.js";
+
+/** The settings the CLI needs to reach NATS and to log. */
+export interface RuntimeSettings {
+  natsUrl: string;
+  natsUser: string;
+  natsPassword: string;
+  natsToken: string;
+  natsCredsFile: string;
+  natsTlsCa: string;
+  natsTlsCert: string;
+  natsTlsKey: string;
+  logLevel: string;
+  logFormat: string;
+}
+
+/**
+ * The root logger: JSON lines on stderr (stdout stays for command output),
+ * or a pretty format for people at a terminal.
+ */
+export function createRootLogger(
+  settings: Pick<RuntimeSettings, "logLevel" | "logFormat">,
+): Logger {
+  const options = {
+    level: settings.logLevel,
+    base: { service: "byom" },
+    timestamp: pino.stdTimeFunctions.isoTime,
+  };
+  if (settings.logFormat === "pretty") {
+    return pino({
+      ...options,
+      transport: {
+        target: "pino-pretty",
+        options: { destination: 2, colorize: true },
+      },
+    });
+  }
+  return pino(options, pino.destination({ fd: 2, sync: true }));
+}
+
+export function natsOptionsFrom(
+  settings: RuntimeSettings,
+  name: string,
+  logger?: Logger,
+): NatsConnectOptions {
+  return {
+    servers: settings.natsUrl,
+    name,
+    ...(settings.natsUser
+      ? { user: settings.natsUser, password: settings.natsPassword }
+      : {}),
+    ...(settings.natsToken ? { token: settings.natsToken } : {}),
+    ...(settings.natsCredsFile ? { credsFile: settings.natsCredsFile } : {}),
+    tls: {
+      ...(settings.natsTlsCa ? { caFile: settings.natsTlsCa } : {}),
+      ...(settings.natsTlsCert ? { certFile: settings.natsTlsCert } : {}),
+      ...(settings.natsTlsKey ? { keyFile: settings.natsTlsKey } : {}),
+    },
+    ...(logger ? { logger } : {}),
+  };
+}
+
+/**
+ * Resolves when SIGINT or SIGTERM arrives. A second signal ends the
+ * process at once.
+ */
+export function untilSignal(logger: Logger): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    let received = false;
+    const onSignal = (signal: NodeJS.Signals): void => {
+      if (received) {
+        logger.warn({ signal }, "second signal: exiting now");
+        process.exit(130);
+      }
+      received = true;
+      logger.info({ signal }, "shutting down (send again to exit at once)");
+      resolve(signal);
+    };
+    process.on("SIGINT", onSignal);
+    process.on("SIGTERM", onSignal);
+  });
+}
+
+/** Prints a failure as text or JSON and ends with its exit code. */
+export function failWith(error: unknown, json: boolean): never {
+  const failure: ByomError = toByomError(error);
+  if (json) {
+    console.log(
+      JSON.stringify({
+        ok: false,
+        error: {
+          code: failure.code,
+          message: failure.message,
+          retryable: failure.retryable,
+        },
+      }),
+    );
+  } else {
+    console.error(
+      `byom: ${failure.code}: ${failure.message}${failure.retryable ? " (retryable)" : ""}`,
+    );
+  }
+  throw new CliExit(exitCodeOf(failure.code));
+}

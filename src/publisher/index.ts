@@ -1,0 +1,319 @@
+import { randomUUID } from "node:crypto";
+
+import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
+import { Kvm, type KV } from "@nats-io/kv";
+import {
+  createInbox,
+  headers,
+  type NatsConnection,
+  type Subscription,
+} from "@nats-io/transport-node";
+
+import {
+  ByomError,
+  InvalidRequestError,
+  PayloadTooLargeError,
+  UnavailableError,
+  isErrorCode,
+  ErrorCode,
+} from "../errors/index.js";
+import { errorFields, silentLogger, type Logger } from "../logging/index.js";
+import {
+  Header,
+  PROTOCOL_VERSION,
+  RequestKind,
+  canonicalIp,
+  decodeResult,
+  requestSubject,
+  showValue,
+  validateRequest,
+  type CreateRequest,
+  type DeleteRequest,
+  type Instance,
+  type Request,
+  type ResourceNames,
+  type Result,
+  type SuccessResult,
+} from "../protocol/index.js";
+
+/** Options of a publisher (the CAA side). */
+export interface PublisherOptions {
+  /** A connected NATS client; the publisher does not close it. */
+  nc: NatsConnection;
+  names: ResourceNames;
+  /** Node of the CAA that sends the requests. */
+  requestingNode: string;
+  /** Default wait for a result, also the request deadline; default 120 000 ms. */
+  requestTimeoutMs?: number;
+  /** Cap on user-data bytes besides the server's max_payload; default 1 MiB. */
+  maxUserDataBytes?: number;
+  logger?: Logger;
+}
+
+export interface CreateInstanceInput {
+  podName: string;
+  podNamespace?: string;
+  sandboxId: string;
+  /** cloud-init user-data; bytes must be UTF-8. */
+  userData: string | Uint8Array;
+  /** Default: a new UUID. Reuse it to retry the same request safely. */
+  requestId?: string;
+  timeoutMs?: number;
+}
+
+export interface DeleteInstanceInput {
+  /** The instance id (IP) returned by create. */
+  instanceId: string;
+  allocationId?: string;
+  requestId?: string;
+  timeoutMs?: number;
+}
+
+export interface CreatedInstance {
+  requestId: string;
+  allocationId: string;
+  instance: Instance;
+  hostKey?: { type: string; fingerprint: string };
+}
+
+export interface DeletedInstance {
+  requestId: string;
+  instanceId: string;
+  release: { state: string; reason?: string };
+}
+
+/** Sends requests to the agents and waits for their results. */
+export interface Publisher {
+  /** Provisions a pod VM. Throws ByomError with the agent's error code. */
+  createInstance(input: CreateInstanceInput): Promise<CreatedInstance>;
+  /** Gives a pod VM back. Throws ByomError (e.g. NOT_OWNER). */
+  deleteInstance(input: DeleteInstanceInput): Promise<DeletedInstance>;
+  /** The stored result of a request, if any agent answered it. */
+  status(requestId: string): Promise<Result | undefined>;
+  close(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+/** Room for the envelope around user-data when checking the payload size. */
+const graceMs = 2000;
+
+/** Creates a publisher over an existing NATS connection. */
+export function createPublisher(options: PublisherOptions): Publisher {
+  return new PublisherImpl(options);
+}
+
+class PublisherImpl implements Publisher {
+  readonly #options: PublisherOptions;
+  readonly #js: JetStreamClient;
+  readonly #logger: Logger;
+  #results: Promise<KV> | undefined;
+  #closed = false;
+
+  constructor(options: PublisherOptions) {
+    this.#options = options;
+    this.#js = jetstream(options.nc);
+    this.#logger = (options.logger ?? silentLogger()).child({
+      component: "publisher",
+    });
+  }
+
+  async createInstance(input: CreateInstanceInput): Promise<CreatedInstance> {
+    const userData = decodeUserData(input.userData);
+    const timeoutMs =
+      input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
+    const request: CreateRequest = {
+      v: PROTOCOL_VERSION,
+      kind: RequestKind.Create,
+      requestId: input.requestId ?? randomUUID(),
+      podName: input.podName,
+      podNamespace: input.podNamespace ?? "default",
+      sandboxId: input.sandboxId,
+      requestingNode: this.#options.requestingNode,
+      deadline: new Date(Date.now() + timeoutMs).toISOString(),
+      userData,
+    };
+    this.#checkUserDataSize(userData);
+    const result = await this.#send(request, timeoutMs);
+    if (result.instance === undefined || result.allocationId === undefined) {
+      throw new UnavailableError(
+        `result of ${request.requestId} names no instance`,
+      );
+    }
+    return {
+      requestId: request.requestId,
+      allocationId: result.allocationId,
+      instance: result.instance,
+      ...(result.hostKey ? { hostKey: result.hostKey } : {}),
+    };
+  }
+
+  async deleteInstance(input: DeleteInstanceInput): Promise<DeletedInstance> {
+    const timeoutMs =
+      input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
+    if (canonicalIp(input.instanceId) === undefined) {
+      throw new InvalidRequestError(
+        `field "instanceId" must be an IP address (got ${showValue(input.instanceId)})`,
+      );
+    }
+    const request: DeleteRequest = {
+      v: PROTOCOL_VERSION,
+      kind: RequestKind.Delete,
+      requestId: input.requestId ?? randomUUID(),
+      instanceId: input.instanceId,
+      ...(input.allocationId ? { allocationId: input.allocationId } : {}),
+      requestingNode: this.#options.requestingNode,
+      deadline: new Date(Date.now() + timeoutMs).toISOString(),
+    };
+    const result = await this.#send(request, timeoutMs);
+    return {
+      requestId: request.requestId,
+      instanceId: input.instanceId,
+      release: result.release ?? { state: "unknown" },
+    };
+  }
+
+  async status(requestId: string): Promise<Result | undefined> {
+    const entry = await (await this.#resultBucket()).get(requestId);
+    if (entry === null || entry.operation !== "PUT") {
+      return undefined;
+    }
+    return decodeResult(entry.value);
+  }
+
+  #checkUserDataSize(userData: string): void {
+    const bytes = Buffer.byteLength(userData, "utf8");
+    const cap = this.#options.maxUserDataBytes ?? 1024 * 1024;
+    if (bytes > cap) {
+      throw new PayloadTooLargeError(
+        `user-data is ${bytes} bytes; the configured cap (BYOM_MAX_USER_DATA_BYTES) is ${cap} bytes`,
+      );
+    }
+  }
+
+  async #send(request: Request, timeoutMs: number): Promise<SuccessResult> {
+    if (this.#closed) {
+      throw new UnavailableError("publisher is closed");
+    }
+    validateRequest(request as unknown as Record<string, unknown>);
+    const payload = new TextEncoder().encode(JSON.stringify(request));
+    const maxPayload = this.#options.nc.info?.max_payload ?? 1024 * 1024;
+    if (payload.length > maxPayload) {
+      throw new PayloadTooLargeError(
+        `encoded request is ${payload.length} bytes; the NATS server's max_payload is ${maxPayload} bytes`,
+      );
+    }
+
+    const log = this.#logger.child({
+      requestId: request.requestId,
+      kind: request.kind,
+    });
+    const inbox = createInbox();
+    const subscription = this.#options.nc.subscribe(inbox, { max: 1 });
+    try {
+      const reply = firstMessage(subscription);
+      const requestHeaders = headers();
+      requestHeaders.set(Header.ReplyTo, inbox);
+      await this.#js.publish(
+        requestSubject(this.#options.names, request.kind),
+        payload,
+        {
+          msgID: request.requestId,
+          headers: requestHeaders,
+          timeout: Math.min(timeoutMs, 10_000),
+        },
+      );
+      log.debug({ bytes: payload.length }, "request published");
+
+      const data = await withTimeout(reply, timeoutMs + graceMs);
+      const result =
+        data === undefined
+          ? await this.status(request.requestId)
+          : decodeResult(data);
+      if (result === undefined) {
+        throw new UnavailableError(
+          `no result for request ${request.requestId} within ${timeoutMs} ms; is an agent running? (retry with the same request id)`,
+        );
+      }
+      return expectSuccess(result);
+    } catch (error) {
+      if (error instanceof ByomError) {
+        throw error;
+      }
+      log.warn({ err: errorFields(error) }, "request could not be sent");
+      const reason = error instanceof Error ? error.message : String(error);
+      throw new UnavailableError(
+        `could not send request ${request.requestId}: ${reason}`,
+        {
+          cause: error,
+        },
+      );
+    } finally {
+      subscription.unsubscribe();
+    }
+  }
+
+  #resultBucket(): Promise<KV> {
+    this.#results ??= new Kvm(this.#options.nc).open(
+      this.#options.names.resultBucket,
+    );
+    return this.#results;
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
+
+function decodeUserData(userData: string | Uint8Array): string {
+  if (typeof userData === "string") {
+    return userData;
+  }
+  try {
+    return utf8.decode(userData);
+  } catch (error) {
+    throw new InvalidRequestError('field "userData" must be valid UTF-8', {
+      cause: error,
+    });
+  }
+}
+
+async function firstMessage(
+  subscription: Subscription,
+): Promise<Uint8Array | undefined> {
+  for await (const message of subscription) {
+    return message.data;
+  }
+  return undefined;
+}
+
+async function withTimeout<T>(
+  promise: Promise<T>,
+  timeoutMs: number,
+): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function expectSuccess(result: Result): SuccessResult {
+  if (result.ok) {
+    return result;
+  }
+  const code = isErrorCode(result.error.code)
+    ? result.error.code
+    : ErrorCode.Internal;
+  throw new ByomError(code, result.error.message, {
+    retryable: result.error.retryable,
+  });
+}
