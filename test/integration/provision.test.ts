@@ -1,0 +1,299 @@
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { promisify } from "node:util";
+
+import { jetstream } from "@nats-io/jetstream";
+import {
+  connect,
+  createInbox,
+  headers,
+  type NatsConnection,
+} from "@nats-io/transport-node";
+
+import { createAgent, type Agent } from "../../src/agent/index.js";
+import { ByomError } from "../../src/errors/index.js";
+import { createPublisher, type Publisher } from "../../src/publisher/index.js";
+import {
+  Header,
+  requestSubject,
+  resourceNames,
+  type Result,
+} from "../../src/protocol/index.js";
+import { createSandbox, type Sandbox } from "../../src/sandbox/index.js";
+import { startNatsServer, type NatsServer } from "../helpers/nats.js";
+import { waitFor } from "../helpers/wait.js";
+
+const run = promisify(execFile);
+const fixtures = new URL("../fixtures/userdata/", import.meta.url);
+const names = resourceNames({
+  stream: "PROVISION_TEST",
+  leaseBucket: "provision-leases",
+  resultBucket: "provision-results",
+  subjectPrefix: "provision.v1.requests",
+  consumer: "provision-agents",
+});
+
+const sha256 = (bytes: Buffer): string =>
+  createHash("sha256").update(bytes).digest("hex");
+
+describe("provisioning end to end on sandbox VMs", () => {
+  let server: NatsServer;
+  let sandbox: Sandbox;
+  let keyDir: string;
+  let agentConnection: NatsConnection;
+  let clientConnection: NatsConnection;
+  let agent: Agent;
+  let publisher: Publisher;
+  let pool: string[];
+
+  before(async () => {
+    server = await startNatsServer();
+    keyDir = await mkdtemp(join(tmpdir(), "byom-provision-key-"));
+    const keyPath = join(keyDir, "id_ed25519");
+    await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", keyPath]);
+    sandbox = await createSandbox({
+      vms: 3,
+      firstIp: "127.41.0.2",
+      stateDir: `/var/lib/byom-sandbox-test/provision-${process.pid}`,
+      authorizedKeys: await readFile(`${keyPath}.pub`, "utf8"),
+    });
+    pool = sandbox.status().map((vm) => vm.ip);
+    agentConnection = await connect({ servers: server.url });
+    clientConnection = await connect({ servers: server.url });
+    agent = await createAgent({
+      nc: agentConnection,
+      names,
+      pool,
+      agentId: "node-a",
+      ssh: {
+        username: "peerpod",
+        privateKey: await readFile(keyPath),
+        port: 22,
+        connectTimeoutMs: 5000,
+      },
+      releaseTimeoutMs: 20_000,
+      quarantineProbeIntervalMs: 0,
+    });
+    publisher = createPublisher({
+      nc: clientConnection,
+      names,
+      requestingNode: "node-a",
+      requestTimeoutMs: 20_000,
+    });
+  });
+
+  after(async () => {
+    await publisher?.close();
+    await agent?.close();
+    await clientConnection?.close();
+    await agentConnection?.close();
+    await sandbox?.close();
+    await server?.stop();
+    await rm(keyDir, { recursive: true, force: true });
+  });
+
+  async function liveLeases(): Promise<string[]> {
+    const leases = await agent.leases.list();
+    return leases
+      .filter((lease) => lease.record.state !== "free")
+      .map(
+        (lease) =>
+          `${lease.record.ip}=${lease.record.state}:${lease.record.allocationId}`,
+      );
+  }
+
+  async function rawRequest(
+    payload: Uint8Array,
+    kind = "create",
+  ): Promise<Result> {
+    const inbox = createInbox();
+    const subscription = clientConnection.subscribe(inbox, {
+      max: 1,
+      timeout: 10_000,
+    });
+    const requestHeaders = headers();
+    requestHeaders.set(Header.ReplyTo, inbox);
+    requestHeaders.set(
+      Header.MsgId,
+      `raw-${Math.random().toString(36).slice(2)}`,
+    );
+    await jetstream(clientConnection).publish(
+      requestSubject(names, kind as "create"),
+      payload,
+      { headers: requestHeaders },
+    );
+    for await (const message of subscription) {
+      return message.json<Result>();
+    }
+    throw new Error("no result");
+  }
+
+  it("delivers user-data that the VM holds byte for byte, and names that VM", async () => {
+    const userData = await readFile(new URL("pod-initdata.yaml", fixtures));
+    const created = await publisher.createInstance({
+      podName: "web-1",
+      podNamespace: "team-a",
+      sandboxId: "s1",
+      userData,
+    });
+
+    assert.ok(pool.includes(created.instance.id));
+    assert.deepEqual(created.instance, {
+      id: created.instance.id,
+      name: `byom-${created.instance.id}`,
+      ips: [created.instance.id],
+    });
+    const vm = sandbox.vm(created.instance.id);
+    const held = await readFile(join(vm.cidataDir, "user-data"));
+    assert.equal(sha256(held), sha256(userData));
+    assert.equal(
+      created.hostKey?.fingerprint,
+      vm.hostKeys.find((key) => key.type === created.hostKey?.type)
+        ?.fingerprint,
+    );
+    const lease = await agent.leases.get(created.instance.id);
+    assert.equal(lease?.record.state, "ready");
+    assert.equal(lease?.record.allocationId, "web-1-s1");
+    assert.equal(
+      lease?.record.hostKey?.fingerprint,
+      created.hostKey?.fingerprint,
+    );
+  });
+
+  it("gives the same allocation id the same IP and no second lease", async () => {
+    const userData = await readFile(new URL("pod-basic.yaml", fixtures));
+    const first = await publisher.createInstance({
+      podName: "web-2",
+      sandboxId: "s2",
+      userData,
+    });
+    const before = await liveLeases();
+    const second = await publisher.createInstance({
+      podName: "web-2",
+      sandboxId: "s2",
+      userData,
+    });
+
+    assert.equal(second.instance.id, first.instance.id);
+    assert.deepEqual(await liveLeases(), before);
+  });
+
+  it("answers POOL_EXHAUSTED when every VM is leased and changes nothing", async () => {
+    const userData = await readFile(new URL("pod-basic.yaml", fixtures));
+    await publisher.createInstance({
+      podName: "web-3",
+      sandboxId: "s3",
+      userData,
+    });
+    const before = await liveLeases();
+    assert.equal(before.length, 3);
+
+    await assert.rejects(
+      publisher.createInstance({ podName: "web-4", sandboxId: "s4", userData }),
+      (error: unknown) =>
+        error instanceof ByomError && error.code === "POOL_EXHAUSTED",
+    );
+    assert.deepEqual(await liveLeases(), before);
+  });
+
+  it("refuses a delete by an allocation that does not own the IP", async () => {
+    const lease = (await agent.leases.findByAllocation("web-1-s1"))!;
+    await assert.rejects(
+      publisher.deleteInstance({
+        instanceId: lease.record.ip,
+        allocationId: "web-9-s9",
+      }),
+      (error: unknown) =>
+        error instanceof ByomError && error.code === "NOT_OWNER",
+    );
+    assert.equal(
+      (await agent.leases.get(lease.record.ip))?.record.state,
+      "ready",
+    );
+  });
+
+  it("reboots the VM on delete and frees the IP once it has reset", async () => {
+    const lease = (await agent.leases.findByAllocation("web-1-s1"))!;
+    const ip = lease.record.ip;
+    const bootsBefore = sandbox.vm(ip).boots;
+    const keysBefore = sandbox.vm(ip).hostKeys.map((key) => key.fingerprint);
+
+    const deleted = await publisher.deleteInstance({
+      instanceId: ip,
+      allocationId: "web-1-s1",
+    });
+    assert.equal(deleted.release.state, "releasing");
+    await waitFor(
+      async () => (await agent.leases.get(ip))?.record.state === "free",
+      {
+        timeoutMs: 20_000,
+        what: `${ip} to be free again`,
+      },
+    );
+
+    const vm = sandbox.vm(ip);
+    assert.equal(vm.boots, bootsBefore + 1);
+    assert.ok(
+      vm.hostKeys.every((key) => !keysBefore.includes(key.fingerprint)),
+    );
+    assert.deepEqual(vm.appliedFiles, []);
+  });
+
+  it("succeeds as a no-op when deleting a free or unknown IP", async () => {
+    const free = (await agent.leases.list()).find(
+      (lease) => lease.record.state === "free",
+    )!;
+    const before = await liveLeases();
+
+    const freed = await publisher.deleteInstance({
+      instanceId: free.record.ip,
+    });
+    const unknown = await publisher.deleteInstance({
+      instanceId: "127.41.9.9",
+    });
+
+    assert.equal(freed.release.state, "free");
+    assert.equal(unknown.release.state, "unknown");
+    assert.deepEqual(await liveLeases(), before);
+  });
+
+  it("answers bad payloads with INVALID_REQUEST naming the problem, and keeps serving", async () => {
+    const encode = (value: unknown): Uint8Array =>
+      new TextEncoder().encode(
+        typeof value === "string" ? value : JSON.stringify(value),
+      );
+    const before = await liveLeases();
+    const cases: Array<[Uint8Array, RegExp]> = [
+      [encode("{not json"), /not valid JSON/],
+      [
+        encode({ v: 1, kind: "create", requestId: "bad-1" }),
+        /field "podName" is required/,
+      ],
+      [
+        encode({ v: 2, kind: "create", requestId: "bad-2" }),
+        /unsupported protocol version 2/,
+      ],
+      [encode([1, 2]), /must be a JSON object/],
+    ];
+    for (const [payload, pattern] of cases) {
+      const result = await rawRequest(payload);
+      assert.equal(result.ok, false);
+      assert.ok(!result.ok && result.error.code === "INVALID_REQUEST");
+      assert.match(!result.ok ? result.error.message : "", pattern);
+    }
+    assert.deepEqual(await liveLeases(), before);
+
+    const userData = await readFile(new URL("pod-basic.yaml", fixtures));
+    const served = await publisher.createInstance({
+      podName: "web-5",
+      sandboxId: "s5",
+      userData,
+    });
+    assert.ok(pool.includes(served.instance.id));
+  });
+});
