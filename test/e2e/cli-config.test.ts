@@ -1,0 +1,81 @@
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { describe, it } from "node:test";
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `byom <args>` with only the given variables (plus PATH). */
+function byom(args: string[], env: Record<string, string>): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(
+      process.execPath,
+      ["--import", "tsx", "src/cli/main.ts", ...args],
+      { env: { PATH: process.env.PATH ?? "", ...env } },
+    );
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+describe("byom config check", () => {
+  it("prints the effective configuration with the expanded pool as JSON", async () => {
+    const run = await byom(["config", "check", "--json"], {
+      VM_POOL_IPS: "10.0.2.254-10.0.3.1, fd00::1",
+      NODE_NAME: "e2e-node",
+      NATS_URL: "nats://user:pa55word@127.0.0.1:4222",
+      NATS_TOKEN: "",
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const report = JSON.parse(run.stdout) as {
+      poolSize: number;
+      config: Record<string, unknown>;
+    };
+    assert.equal(report.poolSize, 5);
+    assert.deepEqual(report.config.pool, [
+      "10.0.2.254",
+      "10.0.2.255",
+      "10.0.3.0",
+      "10.0.3.1",
+      "fd00::1",
+    ]);
+    assert.equal(report.config.node, "e2e-node");
+    assert.ok(!run.stdout.includes("pa55word"));
+  });
+
+  it("prints a table that shortens a long pool", async () => {
+    const run = await byom(["config", "check"], {
+      VM_POOL_IPS: "10.0.0.1-10.0.0.30",
+      NODE_NAME: "e2e-node",
+    });
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /pool: 30 IPs/);
+    assert.match(run.stdout, /\.\.\. 20 more \.\.\./);
+    assert.match(run.stdout, /node: e2e-node/);
+  });
+
+  it("exits 2 naming the variable of an invalid value", async () => {
+    const run = await byom(["config", "check", "--json"], {
+      SSH_TIMEOUT: "abc",
+    });
+    assert.equal(run.code, 2);
+    assert.match(
+      run.stderr,
+      /^byom: INVALID_REQUEST: SSH_TIMEOUT="abc" \(sshTimeoutSeconds\): must be a positive integer number of seconds/,
+    );
+    assert.equal(run.stdout, "");
+  });
+
+  it("exits 2 for an empty pool with --require-pool", async () => {
+    const run = await byom(["config", "check", "--require-pool"], {});
+    assert.equal(run.code, 2);
+    assert.match(run.stderr, /VM_POOL_IPS is empty/);
+  });
+});
