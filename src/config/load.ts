@@ -48,7 +48,10 @@ export interface LoadConfigOptions {
   env?: NodeJS.ProcessEnv;
   /** Config file (JSON or YAML); default `$BYOM_CONFIG`, else none. */
   file?: string;
-  /** Values by config key; they win over file and environment. */
+  /**
+   * Values by config key; they win over file and environment. Strings are
+   * converted as environment values are; undefined entries are ignored.
+   */
   overrides?: Record<string, unknown>;
   /** Called with each pool warning (they are also in `poolWarnings`). */
   warn?: (message: string) => void;
@@ -79,7 +82,12 @@ type Source = "default" | "file" | "env" | "override";
 export function loadConfig(options: LoadConfigOptions = {}): ByomConfig {
   const env = options.env ?? process.env;
   const file = options.file ?? nonBlank(env[ConfigFileEnv]);
-  const overrides = options.overrides ?? {};
+  // An undefined override means "not given", as for an unset CLI flag.
+  const overrides = Object.fromEntries(
+    Object.entries(options.overrides ?? {}).filter(
+      ([, value]) => value !== undefined,
+    ),
+  );
   registerFormats();
 
   const setEnv = presentEnv(env);

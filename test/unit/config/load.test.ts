@@ -177,8 +177,15 @@ describe("loadConfig", () => {
   it("lets overrides win over environment and file", () => {
     const config = load(
       { BYOM_CONCURRENCY: "8" },
-      { overrides: { concurrency: 16, releaseTimeoutMs: "2000" } },
+      {
+        overrides: {
+          concurrency: 16,
+          releaseTimeoutMs: "2000",
+          sshPort: undefined,
+        },
+      },
     );
+    assert.equal(config.sshPort, 22);
     assert.equal(config.concurrency, 16);
     assert.equal(config.releaseTimeoutMs, 2000);
   });
