@@ -576,11 +576,11 @@ export class KvLeaseStore implements LeaseStore {
       const free = this.#freeIps(exclude).filter((ip) => !tried.has(ip));
       for (const ip of candidateOrder(claim.allocationId, free)) {
         tried.add(ip);
-        const lease = await this.#claimIp(kv, ip, claim);
+        const lease = await this.#claimIp(kv, ip, claim, log);
         if (lease !== undefined) {
           return lease;
         }
-        log.debug({ ip }, "lost the race for an IP");
+        log.debug({ ip }, "IP taken meanwhile");
       }
     }
     return undefined;
@@ -590,6 +590,7 @@ export class KvLeaseStore implements LeaseStore {
     kv: KV,
     ip: string,
     claim: ClaimRequest,
+    log: Logger,
   ): Promise<Lease | undefined> {
     let current = this.#cache.get(ip);
     for (let round = 0; round < 3; round += 1) {
@@ -608,6 +609,7 @@ export class KvLeaseStore implements LeaseStore {
         this.#cache.put(ip, lease);
         return lease;
       }
+      log.debug({ ip }, "lost a CAS race for an IP");
       current = await this.#readLease(kv, ip);
     }
     return undefined;

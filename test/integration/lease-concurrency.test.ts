@@ -18,7 +18,10 @@ const churnMs = Number(process.env.BYOM_CHURN_MS ?? 15_000);
 /** Longest any single call may take before the test calls it lost. */
 const callLimitMs = 15_000;
 
-/** Counts the store's lost-race debug lines, as a measure of contention. */
+/**
+ * Counts the store's debug lines for writes refused because a key changed
+ * since it was read (JetStream code 10071): the measure of contention.
+ */
 function raceCounter(): { logger: pino.Logger; lost: () => number } {
   let lost = 0;
   const logger = pino(
@@ -26,7 +29,7 @@ function raceCounter(): { logger: pino.Logger; lost: () => number } {
     {
       write(line: string) {
         if (
-          line.includes('"msg":"lost the race for an IP"') ||
+          line.includes('"msg":"lost a CAS race for an IP"') ||
           line.includes('"msg":"allocation taken over while claiming')
         ) {
           lost += 1;

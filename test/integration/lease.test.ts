@@ -5,6 +5,7 @@ import {
   InvalidRequestError,
   NotOwnerError,
   PoolExhaustedError,
+  UnavailableError,
 } from "../../src/errors/index.js";
 import { createLeaseStore } from "../../src/lease/index.js";
 import { allocationKey, leaseKey } from "../../src/protocol/index.js";
@@ -374,6 +375,19 @@ describe("lease store", () => {
     const retry = await store.acquire(claimFor("pod-k-1"));
     assert.equal(retry.existing, false);
     assert.equal((await store.counts()).claimed, 1);
+  });
+
+  it("closes idempotently and refuses calls afterwards", async (t) => {
+    const store = await startStore(t, server.url, {
+      bucket: uniqueBucket(),
+      pool: pool("127.0.5", 1, 1),
+      agent: "agent-1",
+    });
+    await assert.rejects(store.start(), InvalidRequestError);
+    await store.close();
+    await store.close();
+    await assert.rejects(store.get("127.0.5.1"), UnavailableError);
+    await assert.rejects(store.acquire(claimFor("pod-m-1")), UnavailableError);
   });
 
   it("reads a damaged lease value as quarantined until forced free", async (t) => {
