@@ -5,8 +5,8 @@ import type { KV } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 
 import { createDelivery, type Delivery } from "../delivery/index.js";
+import type { ByomError } from "../errors/index.js";
 import {
-  ByomError,
   ExpiredError,
   InvalidRequestError,
   toByomError,
@@ -32,6 +32,7 @@ import {
 } from "../transport/index.js";
 import { handleCreate } from "./create.js";
 import { handleDelete, type Outcome } from "./delete.js";
+import type { AgentContext } from "./context.js";
 import { SafeEmitter, type AgentEvents } from "./events.js";
 import { startQuarantineProber, type Prober } from "./prober.js";
 
@@ -85,18 +86,6 @@ export interface AgentStatus {
   releasesWaiting: number;
   served: number;
   hostKeyPolicy: { mode: string; ok: boolean; reason?: string };
-}
-
-/** What the handlers need from the agent. */
-export interface AgentContext {
-  readonly agentId: string;
-  readonly leases: LeaseStore;
-  readonly delivery: Delivery;
-  readonly emitter: SafeEmitter;
-  readonly logger: Logger;
-  readonly releaseTimeoutMs: number;
-  readonly readinessTimeoutMs: number;
-  readonly connectTimeoutMs: number;
 }
 
 /**

@@ -1,5 +1,5 @@
+import type { ByomError } from "../errors/index.js";
 import {
-  ByomError,
   ExpiredError,
   HostKeyRejectedError,
   VmUnreachableError,
@@ -16,7 +16,7 @@ import {
   type CreateRequest,
   type SuccessResult,
 } from "../protocol/index.js";
-import type { AgentContext } from "./agent.js";
+import type { AgentContext } from "./context.js";
 
 const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
 

@@ -12,7 +12,7 @@ import {
   type Result,
   type SuccessResult,
 } from "../protocol/index.js";
-import type { AgentContext } from "./agent.js";
+import type { AgentContext } from "./context.js";
 
 /** A result to publish now, and work that goes on after it. */
 export interface Outcome {

@@ -1,7 +1,7 @@
 import { toByomError } from "../errors/index.js";
 import { errorFields } from "../logging/index.js";
 import { LeaseState } from "../protocol/index.js";
-import type { AgentContext } from "./agent.js";
+import type { AgentContext } from "./context.js";
 
 /** Quarantine reasons set by an operator start with this; never auto-freed. */
 export const operatorReasonPrefix = "operator:";

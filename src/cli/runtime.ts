@@ -1,7 +1,8 @@
 import { pino, type Logger } from "pino";
 
 import type { NatsConnectOptions } from "../transport/index.js";
-import { ByomError, toByomError } from "../errors/index.js";
+import type { ByomError } from "../errors/index.js";
+import { toByomError } from "../errors/index.js";
 import { exitCodeOf, CliExit } from "./exit.js";
 
 /** The settings the CLI needs to reach NATS and to log. */

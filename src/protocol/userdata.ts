@@ -104,11 +104,18 @@ function readItem(item: unknown, index: number): UserDataFile {
   return { path, content };
 }
 
+function hasControlCharacter(text: string): boolean {
+  return [...text].some((char) => {
+    const code = char.codePointAt(0) ?? 0;
+    return code < 0x20 || code === 0x7f;
+  });
+}
+
 function isSafeAbsolutePath(path: string): boolean {
   return (
     path.startsWith("/") &&
     path.length <= 4096 &&
-    !/[\u0000-\u001f\u007f]/.test(path) &&
+    !hasControlCharacter(path) &&
     !path.split("/").some((part) => part === ".." || part === ".")
   );
 }

@@ -1,0 +1,16 @@
+import type { Delivery } from "../delivery/index.js";
+import type { LeaseStore } from "../lease/index.js";
+import type { Logger } from "../logging/index.js";
+import type { SafeEmitter } from "./events.js";
+
+/** What the handlers need from the agent. */
+export interface AgentContext {
+  readonly agentId: string;
+  readonly leases: LeaseStore;
+  readonly delivery: Delivery;
+  readonly emitter: SafeEmitter;
+  readonly logger: Logger;
+  readonly releaseTimeoutMs: number;
+  readonly readinessTimeoutMs: number;
+  readonly connectTimeoutMs: number;
+}
