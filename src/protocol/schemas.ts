@@ -186,3 +186,10 @@ export const resultSchema = {
   then: { required: ["error"] },
   else: { required: ["kind"] },
 } as const;
+
+/** Every wire schema by file name, as written to `docs/schemas/`. */
+export const wireSchemas = {
+  "create-request": createRequestSchema,
+  "delete-request": deleteRequestSchema,
+  result: resultSchema,
+} as const;
