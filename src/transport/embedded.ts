@@ -33,6 +33,23 @@ export interface EmbeddedNatsOptions {
   startTimeoutMs?: number;
 }
 
+/** Servers still running; killed if this process exits without closing them. */
+const running = new Set<ChildProcess>();
+let exitHookInstalled = false;
+
+function track(child: ChildProcess): void {
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.once("exit", () => {
+      for (const server of running) {
+        server.kill("SIGKILL");
+      }
+    });
+  }
+  running.add(child);
+  child.once("exit", () => running.delete(child));
+}
+
 /** Finds a free TCP port on 127.0.0.1. */
 export async function freePort(): Promise<number> {
   const server = createServer();
@@ -112,6 +129,7 @@ export async function startEmbeddedNats(
       exited = true;
     });
     child = process_;
+    track(process_);
 
     const until = Date.now() + (options.startTimeoutMs ?? 10_000);
     while (Date.now() < until) {

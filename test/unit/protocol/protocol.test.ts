@@ -114,7 +114,7 @@ describe("protocol: user-data", () => {
       const text = await readFile(new URL(`invalid/${name}`, fixtures), "utf8");
       assert.throws(
         () => parseUserData(text, { requireHeader: true }),
-        expected[name],
+        expected[name]!,
         name,
       );
     }
