@@ -18,7 +18,7 @@ export default tseslint.config(
     },
   },
   {
-    files: ["src/cli/**", "bench/**", "bin/**"],
+    files: ["src/cli/**", "bench/**", "bin/**", "scripts/**"],
     rules: { "no-console": "off" },
   },
 );
