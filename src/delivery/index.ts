@@ -12,7 +12,9 @@ import ssh2 from "ssh2";
 import type { Client } from "ssh2";
 
 import {
+  AuthFailedError,
   ConfigError,
+  HostKeyRejectedError,
   DeliveryFailedError,
   ExpiredError,
   VmUnreachableError,
@@ -119,7 +121,9 @@ export interface Delivery {
    * Creates cidata/reboot (content "reboot\n"), which makes the VM reboot.
    * Pass the lease's `pinnedFingerprint` when it is known. Once the file
    * was created, a connection drop counts as success (the VM is already
-   * going down). Retries like deliver until `deadline`.
+   * going down). When the connection drops before the VM answered, the
+   * retry treats a changed host key as the reboot having happened and
+   * resolves with the old key. Retries like deliver until `deadline`.
    *
    * @throws as deliver.
    */
@@ -132,8 +136,10 @@ export interface Delivery {
    * Polls until the VM has reset after a reboot trigger and resolves with
    * its new host key. Reset means: first evidence that the old system went
    * away (the port stopped answering, the host key changed from
-   * `previousFingerprint`, or the `reboot` marker disappeared), then a
-   * successful login with an empty cidata/.
+   * `previousFingerprint`, or, without `previousFingerprint`, the `reboot`
+   * marker was seen and then gone), then a successful login with an empty
+   * cidata/. Pass `previousFingerprint` whenever it is known. Unanswered connections
+   * and SFTP errors while the VM boots count as "not yet".
    *
    * @throws DeliveryFailedError (DELIVERY_FAILED) when the deadline passes
    *   first; HostKeyRejectedError / AuthFailedError at once when the reset
@@ -197,9 +203,7 @@ class SshDelivery implements Delivery {
     this.#passphrase = options.passphrase;
     this.#connectTimeoutMs = options.connectTimeoutMs;
     this.#policy = options.policy;
-    this.#logger = (options.logger ?? silentLogger()).child({
-      component: "delivery",
-    });
+    this.#logger = componentLogger(options.logger, "delivery");
     try {
       this.#backoff = resolveBackoff(options.backoff);
     } catch (error) {
@@ -307,11 +311,34 @@ class SshDelivery implements Delivery {
     options: { deadline: Date; pinnedFingerprint?: string },
   ): Promise<{ hostKey: HostKeySeen }> {
     this.#assertOpen();
+    // The key of an attempt whose connection dropped after the marker was
+    // requested: the VM may have acted on it and be rebooting already.
+    let unanswered: HostKeySeen | undefined;
     const { value: hostKey } = await this.#withRetries(
       ip,
       "reboot trigger",
-      options,
-      (attempt) => this.#writeRebootMarker(attempt),
+      {
+        deadline: options.deadline,
+        // After an unanswered attempt, retries connect without the pin:
+        // they only compare keys and write nothing to a VM with another one.
+        pinnedFingerprint: () =>
+          unanswered === undefined ? options.pinnedFingerprint : undefined,
+      },
+      async (attempt) => {
+        if (unanswered !== undefined) {
+          const expected = options.pinnedFingerprint ?? unanswered.fingerprint;
+          if (attempt.session.hostKey.fingerprint !== expected) {
+            this.#logger.info(
+              { ip, fingerprint: attempt.session.hostKey.fingerprint },
+              "host key changed after an unanswered reboot trigger: the vm reset",
+            );
+            return unanswered;
+          }
+        }
+        return this.#writeRebootMarker(attempt, (key) => {
+          unanswered = key;
+        });
+      },
     );
     this.#logger.info(
       { ip, keyType: hostKey.type, fingerprint: hostKey.fingerprint },
@@ -343,14 +370,15 @@ class SshDelivery implements Delivery {
         const { hostKey, cidataEntries } = await this.inspect(ip, {
           timeoutMs: Math.min(this.#connectTimeoutMs, remainingMs),
         });
-        if (
-          options.previousFingerprint !== undefined &&
-          hostKey.fingerprint !== options.previousFingerprint
-        ) {
+        const previous = options.previousFingerprint;
+        if (previous !== undefined && hostKey.fingerprint !== previous) {
           wentAway = true;
         }
+        // With a known old key, an emptied cidata/ under that key is no
+        // proof: a connection accepted just before the old system went
+        // down can still show it. Without one, it is the best evidence.
         const hasMarker = cidataEntries.includes("reboot");
-        if (sawMarker && !hasMarker) {
+        if (previous === undefined && sawMarker && !hasMarker) {
           wentAway = true;
         }
         sawMarker ||= hasMarker;
@@ -365,11 +393,19 @@ class SshDelivery implements Delivery {
           ? `cidata/ still holds ${cidataEntries.length} entries after the reset`
           : `still up with host key ${hostKey.fingerprint}`;
       } catch (error) {
-        if (!(error instanceof VmUnreachableError) || this.#closed()) {
+        // A refused key or login will not fix itself; anything else (no
+        // answer, an sftp error while the VM boots) means "not yet".
+        if (
+          error instanceof HostKeyRejectedError ||
+          error instanceof AuthFailedError ||
+          this.#closed()
+        ) {
           throw error;
         }
-        wentAway = true;
-        lastState = error.message;
+        if (error instanceof VmUnreachableError) {
+          wentAway = true;
+        }
+        lastState = error instanceof Error ? error.message : String(error);
       }
 
       const delayMs = Math.min(
@@ -473,7 +509,10 @@ class SshDelivery implements Delivery {
     await sftpCalls.unlink(session.sftp, temp).catch(() => undefined);
   }
 
-  async #writeRebootMarker(attempt: Attempt): Promise<HostKeySeen> {
+  async #writeRebootMarker(
+    attempt: Attempt,
+    onUnanswered: (key: HostKeySeen) => void,
+  ): Promise<HostKeySeen> {
     const { session } = attempt;
     const { sftp } = session;
     let created = false;
@@ -494,6 +533,10 @@ class SshDelivery implements Delivery {
       if (created && session.lost()) {
         return seen(session);
       }
+      if (session.lost()) {
+        // The open may have reached the VM; only a later look can tell.
+        onUnanswered(seen(session));
+      }
       throw session.fail(`write ${RemotePath.reboot}`, error);
     }
   }
@@ -507,7 +550,8 @@ class SshDelivery implements Delivery {
     what: string,
     options: {
       deadline: Date;
-      pinnedFingerprint?: string;
+      /** A fixed pin, or one chosen per attempt. */
+      pinnedFingerprint?: string | (() => string | undefined);
       signal?: AbortSignal;
     },
     act: (attempt: Attempt) => Promise<T>,
@@ -537,7 +581,10 @@ class SshDelivery implements Delivery {
         const session = await this.#open(ip, {
           connectTimeoutMs: Math.min(this.#connectTimeoutMs, remainingMs),
           lifetimeMs: remainingMs,
-          pinnedFingerprint: options.pinnedFingerprint,
+          pinnedFingerprint:
+            typeof options.pinnedFingerprint === "function"
+              ? options.pinnedFingerprint()
+              : options.pinnedFingerprint,
           signal,
         });
         try {
@@ -632,6 +679,17 @@ class SshDelivery implements Delivery {
       throw new DeliveryFailedError("delivery is closed", { retryable: false });
     }
   }
+}
+
+/** A child logger for `component`, unless the caller already bound one. */
+function componentLogger(
+  logger: Logger | undefined,
+  component: string,
+): Logger {
+  const base = logger ?? silentLogger();
+  return base.bindings().component === undefined
+    ? base.child({ component })
+    : base;
 }
 
 function seen(session: Session): HostKeySeen {

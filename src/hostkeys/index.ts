@@ -110,8 +110,12 @@ export interface TofuPolicyOptions {
 export function createTofuPolicy(
   options: TofuPolicyOptions = {},
 ): HostKeyPolicy {
-  const logger = (options.logger ?? silentLogger()).child({
-    component: "hostkeys",
+  const base = options.logger ?? silentLogger();
+  // Callers often pass a child already bound to this component.
+  const logger = base.child({
+    ...(base.bindings().component === undefined
+      ? { component: "hostkeys" }
+      : {}),
     mode: "tofu",
   });
 
