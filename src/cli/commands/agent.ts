@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 
-import { createAgent } from "../../agent/index.js";
+import { createAgent, type Agent } from "../../agent/index.js";
 import {
   loadConfig,
   requirePool,
@@ -8,6 +8,11 @@ import {
 } from "../../config/index.js";
 import { loadPrivateKey } from "../../delivery/index.js";
 import type { Logger } from "../../logging/index.js";
+import {
+  createMetrics,
+  startHealthServer,
+  type HealthServer,
+} from "../../observability/index.js";
 import { connectNats } from "../../transport/index.js";
 import { createRootLogger, natsOptionsFrom, untilSignal } from "../runtime.js";
 
@@ -54,8 +59,31 @@ export async function runAgent(
   const nc = await connectNats(
     natsOptionsFrom(config, `byom-agent-${config.node}`, logger),
   );
+  const metrics = createMetrics({ logger });
+  const natsWatch = metrics.attachNats(nc);
+  let agent: Agent | undefined;
+  let http: HealthServer | undefined;
   try {
-    const agent = await createAgent({
+    // Listen first: liveness answers during start-up, readiness says why not.
+    if (config.httpPort > 0) {
+      http = await startHealthServer({
+        port: config.httpPort,
+        metrics,
+        logger,
+        checks: () => {
+          const status = agent?.status();
+          return {
+            nats: natsWatch.connected(),
+            consumer: status?.consumerBound ?? false,
+            allowlist: status?.hostKeyPolicy ?? {
+              ok: false,
+              reason: "agent not started",
+            },
+          };
+        },
+      });
+    }
+    agent = await createAgent({
       nc,
       names: config.names,
       pool,
@@ -80,9 +108,12 @@ export async function runAgent(
       quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
       logger,
     });
+    metrics.attachAgent(agent);
     await untilSignal(logger);
     await agent.close();
   } finally {
+    await http?.close();
+    metrics.close();
     await nc.drain().catch(() => nc.close());
   }
 }
