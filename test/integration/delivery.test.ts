@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
-import { readdir, readFile, rm } from "node:fs/promises";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import { after, before, describe, it } from "node:test";
@@ -25,7 +26,6 @@ import {
   type HostKeyPolicy,
 } from "../../src/hostkeys/index.js";
 import { createSandbox, type Sandbox } from "../../src/sandbox/index.js";
-import { makeClientKey, uniqueStateDir } from "../helpers/sandbox.js";
 import { waitFor } from "../helpers/wait.js";
 
 const run = promisify(execFile);
@@ -34,6 +34,20 @@ const fixture = "/work/shared/fixtures/userdata/pod-large-policy.yaml";
 // One address per scenario, so that no scenario sees another's files.
 const vmCount = 9;
 const firstIp = `127.30.${10 + (process.pid % 200)}.2`;
+
+/** sshd's chroot rule keeps state dirs out of /tmp; this root is root-owned 0755. */
+const stateRoot = "/var/lib/byom-sandbox-test";
+
+/** Makes a client key pair with ssh-keygen; returns the paths and public line. */
+async function makeKey(
+  dir: string,
+  name: string,
+  args: string[],
+): Promise<{ path: string; publicKey: string }> {
+  const path = join(dir, name);
+  await run("ssh-keygen", ["-q", "-N", "", "-C", name, "-f", path, ...args]);
+  return { path, publicKey: (await readFile(`${path}.pub`, "utf8")).trim() };
+}
 
 /** Collects a delivery's log lines to count attempts and check for leaks. */
 function recordingLogger(): { logger: pino.Logger; lines: string[] } {
@@ -57,7 +71,7 @@ function later(ms: number): Date {
 
 describe("delivery to sandbox pod VMs", () => {
   let sandbox: Sandbox;
-  let keyDirs: string[] = [];
+  let keyDir: string | undefined;
   let clientKey: Buffer;
   let rsaKey: Buffer;
   let strangerKey: Buffer;
@@ -94,36 +108,27 @@ describe("delivery to sandbox pod VMs", () => {
   }
 
   before(async () => {
-    const main = await makeClientKey();
-    const stranger = await makeClientKey();
-    const rsaPath = join(main.keyDir, "id_rsa");
-    await run("ssh-keygen", [
-      "-q",
+    keyDir = await mkdtemp(join(tmpdir(), "byom-delivery-keys-"));
+    const main = await makeKey(keyDir, "id_ed25519", ["-t", "ed25519"]);
+    const stranger = await makeKey(keyDir, "stranger", ["-t", "ed25519"]);
+    const rsa = await makeKey(keyDir, "id_rsa", [
       "-t",
       "rsa",
       "-b",
       "3072",
       "-m",
       "PEM",
-      "-N",
-      "",
-      "-C",
-      "rsa",
-      "-f",
-      rsaPath,
     ]);
-    keyDirs = [main.keyDir, stranger.keyDir];
-    clientKey = (await loadPrivateKey(main.privateKeyPath)).key;
-    strangerKey = (await loadPrivateKey(stranger.privateKeyPath)).key;
-    rsaKey = (await loadPrivateKey(rsaPath)).key;
-    const rsaPublic = (await readFile(`${rsaPath}.pub`, "utf8")).trim();
+    clientKey = (await loadPrivateKey(main.path)).key;
+    strangerKey = (await loadPrivateKey(stranger.path)).key;
+    rsaKey = (await loadPrivateKey(rsa.path)).key;
     userData = await readFile(fixture);
 
     sandbox = await createSandbox({
       vms: vmCount,
       firstIp,
-      stateDir: uniqueStateDir(),
-      authorizedKeys: `${main.publicKey}\n${rsaPublic}\n`,
+      stateDir: join(stateRoot, `delivery-${randomBytes(6).toString("hex")}`),
+      authorizedKeys: `${main.publicKey}\n${rsa.publicKey}\n`,
     });
     ips = sandbox.status().map((vm) => vm.ip);
   });
@@ -131,9 +136,9 @@ describe("delivery to sandbox pod VMs", () => {
   after(async () => {
     await Promise.allSettled(deliveries.map((created) => created.close()));
     await sandbox?.close();
-    await Promise.all(
-      keyDirs.map((dir) => rm(dir, { recursive: true, force: true })),
-    );
+    if (keyDir !== undefined) {
+      await rm(keyDir, { recursive: true, force: true });
+    }
   });
 
   it("delivers 300 KiB of user-data byte for byte, atomically, and names the host key", async () => {
