@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { watch, constants, type FSWatcher } from "node:fs";
 import {
   chmod,
@@ -14,7 +15,7 @@ import path from "node:path";
 import { InternalError } from "../errors/index.js";
 import type { Logger } from "../logging/index.js";
 import { errorFields } from "../logging/index.js";
-import { parseUserData } from "../protocol/index.js";
+import { parseUserData, type UserDataFile } from "../protocol/index.js";
 import {
   generateHostKeys,
   killTree,
@@ -90,6 +91,7 @@ export class SandboxVm {
   private queue: Promise<void> = Promise.resolve();
   private checkPending = false;
   private seenUserData: string | undefined;
+  private userDataDigest: string | undefined;
   private watcher: FSWatcher | undefined;
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -252,25 +254,36 @@ export class SandboxVm {
     }
   }
 
+  /**
+   * Acts on the current user-data as the VM would on every change. A
+   * writer that does not rename into place may be seen half-done, as on a
+   * real VM; a change that leaves the same bytes is ignored.
+   */
   private async applyUserData(): Promise<void> {
-    await emptyDir(this.appliedDir);
-    this.appliedFiles = [];
-    this.userDataError = undefined;
-
-    let files;
+    let text: string;
     try {
-      const text = await readRegularFile(
-        path.join(this.cidataDir, userDataName),
-      );
-      files = parseUserData(text, { requireHeader: false });
+      text = await readRegularFile(path.join(this.cidataDir, userDataName));
     } catch (error) {
-      this.userDataError =
-        error instanceof Error ? error.message : String(error);
-      this.log.warn({ error: this.userDataError }, "user-data refused");
-      this.changed();
+      await this.refuseUserData(error, undefined);
+      return;
+    }
+    const digest = createHash("sha256").update(text).digest("hex");
+    if (digest === this.userDataDigest) {
       return;
     }
 
+    let files: UserDataFile[];
+    try {
+      files = parseUserData(text, { requireHeader: false });
+    } catch (error) {
+      await this.refuseUserData(error, digest);
+      return;
+    }
+
+    this.appliedFiles = [];
+    this.userDataError = undefined;
+    await emptyDir(this.appliedDir);
+    const written: string[] = [];
     for (const file of files) {
       const target = path.join(this.appliedDir, file.path);
       if (!target.startsWith(`${this.appliedDir}${path.sep}`)) {
@@ -278,9 +291,26 @@ export class SandboxVm {
       }
       await mkdir(path.dirname(target), { recursive: true, mode: 0o755 });
       await writeFile(target, file.content, { mode: 0o644 });
-      this.appliedFiles.push(target);
+      written.push(target);
     }
-    this.log.info({ files: files.length }, "user-data applied");
+    this.appliedFiles = written;
+    this.userDataDigest = digest;
+    this.log.info(
+      { files: written.length, bytes: Buffer.byteLength(text), digest },
+      "user-data applied",
+    );
+    this.changed();
+  }
+
+  private async refuseUserData(
+    error: unknown,
+    digest: string | undefined,
+  ): Promise<void> {
+    this.appliedFiles = [];
+    this.userDataError = error instanceof Error ? error.message : String(error);
+    this.userDataDigest = digest;
+    await emptyDir(this.appliedDir);
+    this.log.warn({ error: this.userDataError }, "user-data refused");
     this.changed();
   }
 
@@ -294,6 +324,7 @@ export class SandboxVm {
     this.appliedFiles = [];
     this.userDataError = undefined;
     this.seenUserData = undefined;
+    this.userDataDigest = undefined;
     this.hostKeys = await generateHostKeys(
       this.options.dir,
       this.options.hostKeyTypes,
