@@ -277,22 +277,19 @@ class LocalSandbox implements Sandbox {
     await ensurePrivsepDir();
     const { uid, gid } = await userIds(username);
 
-    const pending = [...addresses];
+    // All VMs first, so status() lists them in address order.
+    for (const ip of addresses) {
+      const name = `vm-${ip}`;
+      const dir = path.join(stateDir, name);
+      this.vms.set(
+        ip,
+        new SandboxVm({ ...this.settings, name, ip, dir, uid, gid, logger }),
+      );
+    }
+    const pending = [...this.vms.values()];
     const boot = async (): Promise<void> => {
-      for (let ip = pending.shift(); ip !== undefined; ip = pending.shift()) {
-        const name = `vm-${ip}`;
-        const dir = path.join(stateDir, name);
-        await rm(dir, { recursive: true, force: true });
-        const vm = new SandboxVm({
-          ...this.settings,
-          name,
-          ip,
-          dir,
-          uid,
-          gid,
-          logger,
-        });
-        this.vms.set(ip, vm);
+      for (let vm = pending.shift(); vm !== undefined; vm = pending.shift()) {
+        await rm(vm.snapshot().dir, { recursive: true, force: true });
         await vm.boot();
       }
     };

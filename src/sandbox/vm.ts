@@ -184,6 +184,8 @@ export class SandboxVm {
     this.closed = true;
     this.watcher?.close();
     clearInterval(this.timer);
+    // A reboot in flight would start a new sshd after the kill below.
+    await this.queue;
     await this.killSshd();
     this.state = "stopped";
   }

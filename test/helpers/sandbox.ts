@@ -16,6 +16,22 @@ const execFileAsync = promisify(execFile);
 /** Parent of every test state dir; root-owned 0755 as sshd's chroot needs. */
 export const sandboxTestRoot = "/var/lib/byom-sandbox-test";
 
+/** Sandboxes not yet stopped; their sshd die with the test process. */
+const open = new Set<Sandbox>();
+process.once("exit", () => {
+  for (const sandbox of open) {
+    for (const vm of sandbox.status()) {
+      if (vm.pid !== undefined) {
+        try {
+          process.kill(vm.pid, "SIGKILL");
+        } catch {
+          // Already gone.
+        }
+      }
+    }
+  }
+});
+
 /** A sandbox and the client key pair its VMs accept. */
 export interface TestSandbox {
   sandbox: Sandbox;
@@ -89,10 +105,12 @@ export async function startSandbox(
     throw error;
   }
 
+  open.add(sandbox);
   let stopped: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopped ??= sandbox
       .close()
+      .finally(() => open.delete(sandbox))
       .finally(() => rm(key.keyDir, { recursive: true, force: true }));
     return stopped;
   };
