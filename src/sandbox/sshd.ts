@@ -208,23 +208,22 @@ export async function startSshd(
   return { child, pid: child.pid };
 }
 
-/** Parent pid of every process, from /proc. */
-async function parentPids(): Promise<Map<number, number>> {
-  const parents = new Map<number, number>();
-  for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry)) {
-      continue;
-    }
-    try {
-      const stat = await readFile(`/proc/${entry}/stat`, "utf8");
-      // The command name is in parentheses and may hold spaces.
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      parents.set(Number(entry), Number(fields[1]));
-    } catch {
-      // The process ended while we read.
-    }
-  }
-  return parents;
+/**
+ * Direct children of a process, from /proc/<pid>/task/<tid>/children
+ * (one small read per thread instead of a scan of every process).
+ */
+async function childPids(pid: number): Promise<number[]> {
+  const tasks = await readdir(`/proc/${pid}/task`).catch(() => []);
+  const lists = await Promise.all(
+    tasks.map((task) =>
+      readFile(`/proc/${pid}/task/${task}/children`, "utf8").catch(() => ""),
+    ),
+  );
+  return lists
+    .join(" ")
+    .split(/\s+/)
+    .filter((entry) => entry !== "")
+    .map(Number);
 }
 
 export function isAlive(pid: number): boolean {
@@ -242,21 +241,18 @@ export function isAlive(pid: number): boolean {
  * the listener's process group would leave connections open.
  */
 export async function killTree(pid: number, timeoutMs = 5000): Promise<void> {
-  const parents = await parentPids();
+  // Stop each process before reading its children, so none forks one we
+  // would miss (sshd forks per connection).
+  if (!Number.isInteger(pid) || pid <= 1) {
+    throw new InternalError(`refusing to kill process tree of pid ${pid}`);
+  }
   const tree = [pid];
-  for (let index = 0; index < tree.length; index += 1) {
-    for (const [child, parent] of parents) {
-      if (parent === tree[index]) {
-        tree.push(child);
-      }
-    }
+  for (const member of tree) {
+    signal(member, "SIGSTOP");
+    tree.push(...(await childPids(member)));
   }
   for (const member of tree) {
-    try {
-      process.kill(member, "SIGKILL");
-    } catch {
-      // Already gone.
-    }
+    signal(member, "SIGKILL");
   }
 
   const until = Date.now() + timeoutMs;
@@ -267,6 +263,14 @@ export async function killTree(pid: number, timeoutMs = 5000): Promise<void> {
       );
     }
     await delay(10);
+  }
+}
+
+function signal(pid: number, name: NodeJS.Signals): void {
+  try {
+    process.kill(pid, name);
+  } catch {
+    // Already gone.
   }
 }
 
