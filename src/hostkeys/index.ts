@@ -3,135 +3,74 @@
  * decides whether a VM presenting a key may receive user-data.
  *
  * Two policies share one interface: `tofu` (accept and log, the default)
- * and `allowlist` (accept only listed keys; built on this interface).
+ * and `allowlist` (accept only the keys listed in a directory, reloaded
+ * while the agent runs).
  */
-import { createHash } from "node:crypto";
+import type { Logger } from "../logging/index.js";
+import { createAllowlistPolicy, type AllowlistReload } from "./allowlist.js";
+import type { HostKeyPolicy } from "./fingerprint.js";
+import { createTofuPolicy } from "./tofu.js";
 
-import { HostKeyRejectedError } from "../errors/index.js";
-import { silentLogger, type Logger } from "../logging/index.js";
+export {
+  fingerprintOf,
+  hostKeyFromBlob,
+  type HostKey,
+  type HostKeyDecision,
+  type HostKeyMode,
+  type HostKeyPolicy,
+} from "./fingerprint.js";
+export { createTofuPolicy, type TofuPolicyOptions } from "./tofu.js";
+export {
+  createAllowlistPolicy,
+  type AllowlistPolicy,
+  type AllowlistPolicyOptions,
+  type AllowlistReload,
+  type AllowlistReloadTrigger,
+  type AllowlistStatus,
+} from "./allowlist.js";
+export {
+  allowedKeyTypes,
+  maxFileBytes,
+  maxKeysPerFile,
+  parseKeyLine,
+  readAllowlistDir,
+  type AllowedHostKey,
+  type AllowlistReadResult,
+  type SkippedLine,
+} from "./read.js";
 
-/** A host key as presented by a VM during the SSH handshake. */
-export interface HostKey {
-  /** Key type from the blob, e.g. "ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa". */
-  type: string;
-  /** OpenSSH fingerprint, exactly as `ssh-keygen -l` prints it: `SHA256:...`. */
-  fingerprint: string;
-  /** The raw public key blob (SSH wire format). */
-  blob: Buffer;
-}
-
-/** A policy's verdict on a host key; `reason` says why a key is refused. */
-export type HostKeyDecision = { ok: true } | { ok: false; reason: string };
-
-/** The modes a host-key policy can run in. */
-export type HostKeyMode = "tofu" | "allowlist";
-
-/**
- * Decides which host keys are acceptable. Implementations must answer
- * `check` synchronously (it runs inside the SSH handshake).
- */
-export interface HostKeyPolicy {
-  readonly mode: HostKeyMode;
-  /** Accepts or refuses the key a VM at `ip` presented. */
-  check(ip: string, key: HostKey): HostKeyDecision;
-  /**
-   * Server host key algorithms to offer in the handshake, most preferred
-   * first; undefined leaves ssh2's defaults.
-   */
-  algorithms(): string[] | undefined;
-  /** Whether the policy can accept any VM at all (for `/readyz`). */
-  readiness(): { ok: boolean; reason?: string };
-  /** Releases watchers and timers; safe to call twice. */
-  close(): Promise<void>;
-  [Symbol.asyncDispose](): Promise<void>;
-}
-
-/**
- * The OpenSSH SHA256 fingerprint of a public key blob: `SHA256:` followed by
- * the unpadded base64 of the blob's sha256, the text `ssh-keygen -l` prints.
- */
-export function fingerprintOf(blob: Buffer): string {
-  const digest = createHash("sha256").update(blob).digest("base64");
-  return `SHA256:${digest.replace(/=+$/, "")}`;
-}
-
-/**
- * Builds a HostKey from a raw SSH public key blob, reading the type from
- * the blob's first SSH string.
- *
- * @throws HostKeyRejectedError (HOST_KEY_REJECTED) when the blob is too
- *   short to hold a key type.
- */
-export function hostKeyFromBlob(blob: Buffer): HostKey {
-  const type = readKeyType(blob);
-  return { type, fingerprint: fingerprintOf(blob), blob: Buffer.from(blob) };
-}
-
-function readKeyType(blob: Buffer): string {
-  const lengthBytes = 4;
-  // Key type names are short ASCII tokens; 64 bytes is generous.
-  const maxTypeLength = 64;
-  if (blob.length < lengthBytes) {
-    throw new HostKeyRejectedError(
-      `malformed host key: blob of ${blob.length} bytes has no key type`,
-    );
-  }
-  const length = blob.readUInt32BE(0);
-  if (
-    length === 0 ||
-    length > maxTypeLength ||
-    blob.length < lengthBytes + length
-  ) {
-    throw new HostKeyRejectedError(
-      `malformed host key: key type length ${length} does not fit a blob of ${blob.length} bytes`,
-    );
-  }
-  const type = blob.subarray(lengthBytes, lengthBytes + length).toString();
-  if (!/^[\x21-\x7e]+$/.test(type)) {
-    throw new HostKeyRejectedError(
-      "malformed host key: key type is not printable ASCII",
-    );
-  }
-  return type;
-}
-
-/** Options of the trust-on-first-use policy. */
-export interface TofuPolicyOptions {
-  /** Receives one info line per accepted key; silent by default. */
+/** Options of {@link createHostKeyPolicy}. */
+export interface HostKeyPolicyOptions {
+  /** `SSH_HOST_KEY_ALLOWLIST_DIR`; empty or undefined means TOFU. */
+  allowlistDir?: string;
+  /** Allowlist only: period of the full re-read; default 60 000 ms; 0 = off. */
+  reloadIntervalMs?: number;
+  /** Silent by default. */
   logger?: Logger;
+  /** Allowlist only: called after every reload (see createAllowlistPolicy). */
+  onReload?: (reload: AllowlistReload) => void;
 }
 
 /**
- * The trust-on-first-use policy: accepts every key and logs its type and
- * fingerprint at info level with the fields `{ ip, keyType, fingerprint }`.
- * Pinning a key for the rest of a lease is the caller's job (the delivery
- * `pinnedFingerprint` option).
+ * The policy the configuration asks for: the allowlist when
+ * `allowlistDir` is set (read before this resolves, then hot-reloaded),
+ * else trust on first use. Close the result when done.
  */
-export function createTofuPolicy(
-  options: TofuPolicyOptions = {},
-): HostKeyPolicy {
-  const base = options.logger ?? silentLogger();
-  // Callers often pass a child already bound to this component.
-  const logger = base.child({
-    ...(base.bindings().component === undefined
-      ? { component: "hostkeys" }
-      : {}),
-    mode: "tofu",
+export async function createHostKeyPolicy(
+  options: HostKeyPolicyOptions,
+): Promise<HostKeyPolicy> {
+  const dir = options.allowlistDir?.trim() ?? "";
+  if (dir === "") {
+    return createTofuPolicy(
+      options.logger === undefined ? {} : { logger: options.logger },
+    );
+  }
+  return createAllowlistPolicy({
+    dir,
+    ...(options.reloadIntervalMs === undefined
+      ? {}
+      : { reloadIntervalMs: options.reloadIntervalMs }),
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+    ...(options.onReload === undefined ? {} : { onReload: options.onReload }),
   });
-
-  const close = async (): Promise<void> => {};
-  return {
-    mode: "tofu",
-    check(ip: string, key: HostKey): HostKeyDecision {
-      logger.info(
-        { ip, keyType: key.type, fingerprint: key.fingerprint },
-        "accepted host key on first use",
-      );
-      return { ok: true };
-    },
-    algorithms: () => undefined,
-    readiness: () => ({ ok: true }),
-    close,
-    [Symbol.asyncDispose]: close,
-  };
 }
