@@ -221,8 +221,6 @@ describe("readAllowlistDir", () => {
       reloadIntervalMs: 0,
     });
     try {
-      const { hostKeyFromBlob } =
-        await import("../../../src/hostkeys/index.js");
       const blob = Buffer.from(key(0).line.split(" ")[1] ?? "", "base64");
       for (const policy of [missing, empty]) {
         assert.equal(policy.mode, "allowlist");
