@@ -287,6 +287,7 @@ class AgentImpl implements Agent {
     this.events.emit("request:done", {
       result: outcome.result,
       durationMs: Date.now() - started,
+      ...(outcome.timingsMs ? { timingsMs: outcome.timingsMs } : {}),
     });
     logResult(log, outcome.result, Date.now() - started);
 
@@ -349,7 +350,7 @@ class AgentImpl implements Agent {
 
     const context = { ...this.#context(), logger: log };
     return request.kind === RequestKind.Create
-      ? { result: await handleCreate(context, request) }
+      ? await handleCreate(context, request)
       : handleDelete(context, request);
   }
 

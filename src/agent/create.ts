@@ -5,11 +5,11 @@ import {
   VmUnreachableError,
   toByomError,
 } from "../errors/index.js";
+import { VmNotCleanError } from "../delivery/index.js";
 import type { Lease } from "../lease/index.js";
 import { errorFields } from "../logging/index.js";
 import {
   LeaseState,
-  RemotePath,
   allocationIdOf,
   instanceOf,
   parseUserData,
@@ -17,8 +17,6 @@ import {
   type SuccessResult,
 } from "../protocol/index.js";
 import type { AgentContext } from "./context.js";
-
-const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
 
 /**
  * Serves a create request: lease (idempotent by allocation id), check the
@@ -28,13 +26,17 @@ const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
 export async function handleCreate(
   context: AgentContext,
   request: CreateRequest,
-): Promise<SuccessResult> {
+): Promise<{
+  result: SuccessResult;
+  timingsMs: { lease: number; probe: number };
+}> {
   parseUserData(request.userData, { requireHeader: true });
   const data = Buffer.from(request.userData, "utf8");
   const allocationId = allocationIdOf(request.podName, request.sandboxId);
   const deadline = new Date(request.deadline);
   const log = context.logger.child({ allocationId });
   const tried = new Set<string>();
+  const timingsMs = { lease: 0, probe: 0 };
 
   for (;;) {
     if (Date.now() > deadline.getTime()) {
@@ -42,6 +44,7 @@ export async function handleCreate(
         `request ${request.requestId} reached its deadline ${request.deadline} before a VM was ready`,
       );
     }
+    const leaseStarted = performance.now();
     const { lease, existing } = await context.leases.acquire(
       {
         allocationId,
@@ -52,50 +55,50 @@ export async function handleCreate(
       },
       { exclude: tried },
     );
+    timingsMs.lease += performance.now() - leaseStarted;
     const ip = lease.record.ip;
     context.emitter.emit("lease:acquired", { ip, allocationId, existing });
     log.info({ ip, existing, state: lease.record.state }, "lease acquired");
 
     if (lease.record.state === LeaseState.Ready && lease.record.hostKey) {
-      return success(context, request, allocationId, lease);
+      return {
+        result: success(context, request, allocationId, lease),
+        timingsMs,
+      };
     }
 
-    const problem = await checkVm(context, ip, existing);
-    if (problem !== undefined) {
-      await quarantine(context, ip, allocationId, problem);
+    const probeStarted = performance.now();
+    const unreachable = await probe(context, ip);
+    timingsMs.probe += performance.now() - probeStarted;
+    if (unreachable !== undefined) {
+      await quarantine(context, ip, allocationId, unreachable);
       tried.add(ip);
       continue;
     }
 
     try {
-      const delivered = await context.delivery.deliver(ip, data, { deadline });
+      // A fresh claim must find cidata/ empty; a lease this allocation
+      // already held may hold our own earlier write of the same bytes.
+      const delivered = await context.delivery.deliver(ip, data, {
+        deadline,
+        requireClean: !existing,
+      });
       context.emitter.emit("delivery:done", { ip, ...delivered });
-      log.info(
-        {
-          ip,
-          bytes: delivered.bytes,
-          sha256: delivered.sha256,
-          keyType: delivered.hostKey.type,
-          fingerprint: delivered.hostKey.fingerprint,
-        },
-        "user-data delivered",
-      );
       const ready = await context.leases.markReady(
         ip,
         allocationId,
         delivered.hostKey,
       );
-      return success(context, request, allocationId, ready);
+      return {
+        result: success(context, request, allocationId, ready),
+        timingsMs,
+      };
     } catch (error) {
       const failure = toByomError(error);
       context.emitter.emit("delivery:failed", { ip, error: failure });
-      if (failure instanceof HostKeyRejectedError) {
-        await quarantine(
-          context,
-          ip,
-          allocationId,
-          `host key not allowed: ${failure.message}`,
-        );
+      const reason = quarantineReason(failure);
+      if (reason !== undefined) {
+        await quarantine(context, ip, allocationId, reason);
         tried.add(ip);
         continue;
       }
@@ -105,31 +108,30 @@ export async function handleCreate(
   }
 }
 
+/** Why a VM that failed this way should leave service, if it should. */
+function quarantineReason(failure: ByomError): string | undefined {
+  if (failure instanceof HostKeyRejectedError) {
+    return `host key not allowed: ${failure.message}`;
+  }
+  if (failure instanceof VmNotCleanError) {
+    return "cidata/user-data present at claim time: the VM never reset";
+  }
+  return undefined;
+}
+
 /**
- * Readiness at claim time: the SSH port answers (short backoff), the host
- * key is acceptable, and a fresh claim finds no user-data left over.
- * Returns the reason to quarantine, or undefined when the VM is fit.
+ * Readiness at claim time: the SSH port answers within a short backoff.
+ * Returns the reason to quarantine, or undefined when the VM answers.
  */
-async function checkVm(
+async function probe(
   context: AgentContext,
   ip: string,
-  existing: boolean,
 ): Promise<string | undefined> {
   try {
     await probeWithBackoff(context, ip);
-    const seen = await context.delivery.inspect(ip, {
-      timeoutMs: context.connectTimeoutMs,
-    });
-    // A lease this allocation already held may hold our own earlier write.
-    if (!existing && seen.cidataEntries.includes(userDataName)) {
-      return "cidata/user-data present at claim time: the VM never reset";
-    }
     return undefined;
   } catch (error) {
     const failure = toByomError(error);
-    if (failure instanceof HostKeyRejectedError) {
-      return `host key not allowed: ${failure.message}`;
-    }
     if (failure instanceof VmUnreachableError) {
       return `unreachable: ${failure.message}`;
     }

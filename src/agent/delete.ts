@@ -18,6 +18,8 @@ import type { AgentContext } from "./context.js";
 export interface Outcome {
   result: Result;
   after?: () => Promise<void>;
+  /** Phases of a create, in milliseconds. */
+  timingsMs?: { lease: number; probe: number };
 }
 
 /**

@@ -5,16 +5,25 @@ import type { RequestKind, Result } from "../protocol/index.js";
 /** What an integrator can react to; payloads are plain data. */
 export interface AgentEventMap {
   "request:received": { requestId: string; kind: RequestKind | "unknown" };
-  "request:done": { result: Result; durationMs: number };
+  "request:done": {
+    result: Result;
+    durationMs: number;
+    /** Create phases: leasing (all tries) and readiness probes. */
+    timingsMs?: { lease: number; probe: number };
+  };
   "lease:acquired": { ip: string; allocationId: string; existing: boolean };
   "lease:quarantined": { ip: string; reason: string };
   "lease:released": { ip: string };
   "lease:unquarantined": { ip: string };
+  /** One pass of the quarantine prober ended. */
+  "prober:pass": { checked: number; freed: number };
   "delivery:done": {
     ip: string;
     bytes: number;
     sha256: string;
     hostKey: { type: string; fingerprint: string };
+    /** SSH connection and SFTP upload of the attempt that succeeded. */
+    timingsMs: { sshConnect: number; upload: number };
   };
   "delivery:failed": { ip: string; error: ByomError };
 }

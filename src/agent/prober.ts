@@ -32,6 +32,7 @@ export function startQuarantineProber(options: {
         lease.record.state === LeaseState.Quarantined &&
         !(lease.record.reason ?? "").startsWith(operatorReasonPrefix),
     );
+    let freed = 0;
     for (const lease of candidates) {
       if (stopped) {
         return;
@@ -46,6 +47,7 @@ export function startQuarantineProber(options: {
           continue;
         }
         await context.leases.unquarantine(ip);
+        freed += 1;
         context.emitter.emit("lease:unquarantined", { ip });
         log.info(
           { ip, fingerprint: seen.hostKey.fingerprint },
@@ -58,6 +60,10 @@ export function startQuarantineProber(options: {
         );
       }
     }
+    context.emitter.emit("prober:pass", {
+      checked: candidates.length,
+      freed,
+    });
   };
 
   const timer = setInterval(() => {

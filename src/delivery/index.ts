@@ -65,6 +65,19 @@ export interface DeliveryResult {
   bytes: number;
   /** sha256 of the bytes written, lower-case hex. */
   sha256: string;
+  /** Phases of the attempt that succeeded, in milliseconds. */
+  timingsMs: { sshConnect: number; upload: number };
+}
+
+/**
+ * A VM that still holds user-data when a fresh claim expected an empty
+ * cidata/: it never reset. Nothing was written.
+ */
+export class VmNotCleanError extends DeliveryFailedError {
+  constructor(message: string) {
+    super(message, { retryable: false });
+    this.name = "VmNotCleanError";
+  }
 }
 
 /** SSH/SFTP access to pod VMs. */
@@ -93,7 +106,9 @@ export interface Delivery {
    *   AuthFailedError (AUTH_FAILED); VmUnreachableError (VM_UNREACHABLE)
    *   when no attempt got through by the deadline; DeliveryFailedError
    *   (DELIVERY_FAILED) when an SFTP step fails or `signal` aborts;
-   *   ExpiredError (EXPIRED) when the deadline passed before the first try.
+   *   ExpiredError (EXPIRED) when the deadline passed before the first try;
+   *   VmNotCleanError (DELIVERY_FAILED) when `requireClean` is set and
+   *   cidata/ already holds user-data (checked on the same connection).
    */
   deliver(
     ip: string,
@@ -102,6 +117,8 @@ export interface Delivery {
       deadline: Date;
       pinnedFingerprint?: string;
       signal?: AbortSignal;
+      /** Refuse a VM whose cidata/ still holds user-data. */
+      requireClean?: boolean;
     },
   ): Promise<DeliveryResult>;
 
@@ -176,7 +193,11 @@ export function createDelivery(options: DeliveryOptions): Delivery {
 interface Attempt {
   ip: string;
   session: Session;
+  /** How long the SSH connection (TCP, handshake, auth) took. */
+  connectMs: number;
 }
+
+const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
 
 class SshDelivery implements Delivery {
   readonly #username: string;
@@ -254,6 +275,7 @@ class SshDelivery implements Delivery {
       deadline: Date;
       pinnedFingerprint?: string;
       signal?: AbortSignal;
+      requireClean?: boolean;
     },
   ): Promise<DeliveryResult> {
     this.#assertOpen();
@@ -261,12 +283,26 @@ class SshDelivery implements Delivery {
     const sha256 = createHash("sha256").update(data).digest("hex");
     const started = Date.now();
 
-    const { value: hostKey, attempts } = await this.#withRetries(
+    const { value: written, attempts } = await this.#withRetries(
       ip,
       "delivery",
       options,
-      (attempt) => this.#writeUserData(attempt, data),
+      async (attempt) => {
+        const uploadStarted = performance.now();
+        if (options.requireClean === true) {
+          await this.#assertClean(attempt);
+        }
+        const key = await this.#writeUserData(attempt, data);
+        return {
+          key,
+          timingsMs: {
+            sshConnect: attempt.connectMs,
+            upload: performance.now() - uploadStarted,
+          },
+        };
+      },
     );
+    const hostKey = written.key;
 
     log.info(
       {
@@ -279,7 +315,26 @@ class SshDelivery implements Delivery {
       },
       "delivered user-data",
     );
-    return { hostKey, bytes: data.length, sha256 };
+    return {
+      hostKey,
+      bytes: data.length,
+      sha256,
+      timingsMs: written.timingsMs,
+    };
+  }
+
+  /** Refuses a VM whose cidata/ still holds user-data (it never reset). */
+  async #assertClean({ ip, session }: Attempt): Promise<void> {
+    const entries = await sftpCalls
+      .readdir(session.sftp, RemotePath.cidataDir)
+      .catch((error: unknown) => {
+        throw session.fail(`list ${RemotePath.cidataDir}`, error);
+      });
+    if (entries.includes(userDataName)) {
+      throw new VmNotCleanError(
+        `vm ${ip} still holds ${RemotePath.userData} from an earlier pod: it never reset`,
+      );
+    }
   }
 
   async inspect(
@@ -578,6 +633,7 @@ class SshDelivery implements Delivery {
       }
 
       try {
+        const connectStarted = performance.now();
         const session = await this.#open(ip, {
           connectTimeoutMs: Math.min(this.#connectTimeoutMs, remainingMs),
           lifetimeMs: remainingMs,
@@ -588,7 +644,8 @@ class SshDelivery implements Delivery {
           signal,
         });
         try {
-          const value = await act({ ip, session });
+          const connectMs = performance.now() - connectStarted;
+          const value = await act({ ip, session, connectMs });
           return { value, attempts: attempt + 1 };
         } finally {
           session.end();

@@ -73,6 +73,7 @@ describe("byom agent, create, delete and pool from the shell", () => {
       BYOM_RELEASE_TIMEOUT_MS: "20000",
       BYOM_REQUEST_TIMEOUT_MS: "20000",
       BYOM_LOG_LEVEL: "info",
+      BYOM_HTTP_PORT: "0",
     };
     agent = spawn(process.execPath, [cli, "agent"], {
       env,
@@ -275,6 +276,62 @@ describe("byom agent, create, delete and pool from the shell", () => {
     const result = await byom("delete", "not-an-ip");
     assert.equal(result.code, 2);
     assert.match(result.stderr, /instanceId.*"not-an-ip"/);
+  });
+
+  it("lets an operator quarantine, unquarantine and force-release a VM", async () => {
+    const list = JSON.parse((await byom("pool", "list", "--json")).stdout) as {
+      leases: Array<{ ip: string; state: string }>;
+    };
+    const ready = list.leases.find((entry) => entry.state === "ready")!;
+
+    const quarantined = await byom(
+      "pool",
+      "quarantine",
+      ready.ip,
+      "--reason",
+      "disk check",
+      "--json",
+    );
+    assert.equal(quarantined.code, 0, quarantined.stderr);
+    const table = await byom("pool", "list");
+    assert.match(
+      table.stdout,
+      new RegExp(
+        `${ready.ip.replaceAll(".", "\\.")}\\s+quarantined.*operator: disk check`,
+      ),
+    );
+
+    const unquarantined = await byom("pool", "unquarantine", ready.ip);
+    assert.equal(unquarantined.code, 0, unquarantined.stderr);
+    assert.match(unquarantined.stdout, /now free/);
+
+    const withoutForce = await byom("pool", "release", ready.ip);
+    assert.equal(withoutForce.code, 2);
+    assert.match(withoutForce.stderr, /--force/);
+    const released = await byom(
+      "pool",
+      "release",
+      ready.ip,
+      "--force",
+      "--json",
+    );
+    assert.equal(released.code, 0, released.stderr);
+    assert.equal(
+      (JSON.parse(released.stdout) as { lease: { state: string } }).lease.state,
+      "free",
+    );
+  });
+
+  it("refuses pool actions on an IP that is not in the pool", async () => {
+    for (const args of [
+      ["pool", "quarantine", "127.43.9.9", "--reason", "x"],
+      ["pool", "unquarantine", "127.43.9.9"],
+      ["pool", "release", "127.43.9.9", "--force"],
+    ]) {
+      const result = await byom(...args);
+      assert.equal(result.code, 2, args.join(" "));
+      assert.match(result.stderr, /127\.43\.9\.9.*is not in the pool/);
+    }
   });
 
   it("never logs the private key or user-data contents", async () => {

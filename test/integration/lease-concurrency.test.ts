@@ -13,8 +13,8 @@ import { claimFor, pool, startStore, uniqueBucket } from "../helpers/lease.js";
 import { startNatsServer, type NatsServer } from "../helpers/nats.js";
 
 const hostKey = { type: "ssh-ed25519", fingerprint: "SHA256:churn" };
-/** Churn duration; a soak sets BYOM_CHURN_MS=60000. */
-const churnMs = Number(process.env.BYOM_CHURN_MS ?? 15_000);
+/** Churn duration: the issue asks for one minute; BYOM_CHURN_MS shortens it for quick local runs. */
+const churnMs = Number(process.env.BYOM_CHURN_MS ?? 60_000);
 /** Longest any single call may take before the test calls it lost. */
 const callLimitMs = 15_000;
 

@@ -1,100 +1,54 @@
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { promisify } from "node:util";
 
 import { jetstream } from "@nats-io/jetstream";
 import {
-  connect,
   createInbox,
   headers,
   type NatsConnection,
 } from "@nats-io/transport-node";
 
-import { createAgent, type Agent } from "../../src/agent/index.js";
+import type { Agent } from "../../src/agent/index.js";
 import { ByomError } from "../../src/errors/index.js";
-import { createPublisher, type Publisher } from "../../src/publisher/index.js";
+import type { Publisher } from "../../src/publisher/index.js";
 import {
   Header,
   requestSubject,
-  resourceNames,
+  type ResourceNames,
   type Result,
 } from "../../src/protocol/index.js";
-import { createSandbox, type Sandbox } from "../../src/sandbox/index.js";
-import { startNatsServer, type NatsServer } from "../helpers/nats.js";
+import type { Sandbox } from "../../src/sandbox/index.js";
+import { startStack, type TestStack } from "../helpers/stack.js";
 import { waitFor } from "../helpers/wait.js";
 
-const run = promisify(execFile);
 const fixtures = new URL("../fixtures/userdata/", import.meta.url);
-const names = resourceNames({
-  stream: "PROVISION_TEST",
-  leaseBucket: "provision-leases",
-  resultBucket: "provision-results",
-  subjectPrefix: "provision.v1.requests",
-  consumer: "provision-agents",
-});
-
 const sha256 = (bytes: Buffer): string =>
   createHash("sha256").update(bytes).digest("hex");
 
 describe("provisioning end to end on sandbox VMs", () => {
-  let server: NatsServer;
+  let stack: TestStack;
   let sandbox: Sandbox;
-  let keyDir: string;
-  let agentConnection: NatsConnection;
-  let clientConnection: NatsConnection;
   let agent: Agent;
   let publisher: Publisher;
+  let clientConnection: NatsConnection;
+  let names: ResourceNames;
   let pool: string[];
 
   before(async () => {
-    server = await startNatsServer();
-    keyDir = await mkdtemp(join(tmpdir(), "byom-provision-key-"));
-    const keyPath = join(keyDir, "id_ed25519");
-    await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", keyPath]);
-    sandbox = await createSandbox({
+    stack = await startStack({
       vms: 3,
       firstIp: "127.41.0.2",
-      stateDir: `/var/lib/byom-sandbox-test/provision-${process.pid}`,
-      authorizedKeys: await readFile(`${keyPath}.pub`, "utf8"),
+      prefix: "provision",
     });
-    pool = sandbox.status().map((vm) => vm.ip);
-    agentConnection = await connect({ servers: server.url });
-    clientConnection = await connect({ servers: server.url });
-    agent = await createAgent({
-      nc: agentConnection,
-      names,
-      pool,
-      agentId: "node-a",
-      ssh: {
-        username: "peerpod",
-        privateKey: await readFile(keyPath),
-        port: 22,
-        connectTimeoutMs: 5000,
-      },
-      releaseTimeoutMs: 20_000,
-      quarantineProbeIntervalMs: 0,
-    });
-    publisher = createPublisher({
-      nc: clientConnection,
-      names,
-      requestingNode: "node-a",
-      requestTimeoutMs: 20_000,
-    });
+    ({ agent, publisher, clientConnection, names, pool } = stack);
+    sandbox = stack.vms.sandbox;
   });
 
   after(async () => {
-    await publisher?.close();
-    await agent?.close();
-    await clientConnection?.close();
-    await agentConnection?.close();
-    await sandbox?.close();
-    await server?.stop();
-    await rm(keyDir, { recursive: true, force: true });
+    await stack?.close();
   });
 
   async function liveLeases(): Promise<string[]> {
