@@ -39,6 +39,13 @@ export {
   type SkippedLine,
 } from "./read.js";
 
+export {
+  scanHostKeys,
+  type HostKeyScan,
+  type ScanOptions,
+  type ScannedHostKey,
+} from "./scan.js";
+
 /** Options of {@link createHostKeyPolicy}. */
 export interface HostKeyPolicyOptions {
   /** `SSH_HOST_KEY_ALLOWLIST_DIR`; empty or undefined means TOFU. */

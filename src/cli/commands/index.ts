@@ -1,6 +1,7 @@
 import type { Command } from "commander";
 
 import { registerAgentCommand } from "./agent.js";
+import { registerAllowlistCommands } from "./allowlist.js";
 import { registerConfigCommands } from "./config.js";
 import { registerDemoCommand } from "./demo.js";
 import { registerPoolCommands } from "./pool.js";
@@ -15,4 +16,5 @@ export function registerCommands(program: Command): void {
   registerPoolCommands(program);
   registerConfigCommands(program);
   registerSandboxCommands(program);
+  registerAllowlistCommands(program);
 }
