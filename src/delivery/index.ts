@@ -198,6 +198,12 @@ interface Attempt {
 }
 
 const userDataName = RemotePath.userData.slice(RemotePath.cidataDir.length + 1);
+const tempPrefix = ".user-data.";
+const tempSuffix = ".tmp";
+
+function isTempName(name: string): boolean {
+  return name.startsWith(tempPrefix) && name.endsWith(tempSuffix);
+}
 
 class SshDelivery implements Delivery {
   readonly #username: string;
@@ -289,9 +295,7 @@ class SshDelivery implements Delivery {
       options,
       async (attempt) => {
         const uploadStarted = performance.now();
-        if (options.requireClean === true) {
-          await this.#assertClean(attempt);
-        }
+        await this.#prepareCidata(attempt, options.requireClean === true);
         const key = await this.#writeUserData(attempt, data);
         return {
           key,
@@ -323,16 +327,34 @@ class SshDelivery implements Delivery {
     };
   }
 
-  /** Refuses a VM whose cidata/ still holds user-data (it never reset). */
-  async #assertClean({ ip, session }: Attempt): Promise<void> {
+  /**
+   * Lists cidata/ on the delivery connection: removes temp files an
+   * interrupted earlier attempt left, and (when `requireClean`) refuses a
+   * VM that still holds user-data (it never reset).
+   */
+  async #prepareCidata(
+    { ip, session }: Attempt,
+    requireClean: boolean,
+  ): Promise<void> {
     const entries = await sftpCalls
       .readdir(session.sftp, RemotePath.cidataDir)
       .catch((error: unknown) => {
         throw session.fail(`list ${RemotePath.cidataDir}`, error);
       });
-    if (entries.includes(userDataName)) {
+    if (requireClean && entries.includes(userDataName)) {
       throw new VmNotCleanError(
         `vm ${ip} still holds ${RemotePath.userData} from an earlier pod: it never reset`,
+      );
+    }
+    for (const leftover of entries.filter(isTempName)) {
+      await sftpCalls
+        .unlink(session.sftp, `${RemotePath.cidataDir}/${leftover}`)
+        .catch((error: unknown) => {
+          throw session.fail(`remove leftover ${leftover}`, error);
+        });
+      this.#logger.info(
+        { ip, file: leftover },
+        "removed a temp file left by an interrupted delivery",
       );
     }
   }
@@ -499,7 +521,7 @@ class SshDelivery implements Delivery {
   async #writeUserData(attempt: Attempt, data: Buffer): Promise<HostKeySeen> {
     const { session } = attempt;
     const { sftp } = session;
-    const temp = `${RemotePath.cidataDir}/.user-data.${randomBytes(8).toString("hex")}.tmp`;
+    const temp = `${RemotePath.cidataDir}/${tempPrefix}${randomBytes(8).toString("hex")}${tempSuffix}`;
     let handle: Buffer | undefined;
     let step = "open temp file";
     try {
