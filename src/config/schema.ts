@@ -55,6 +55,7 @@ export interface ByomSettings {
   requestMaxAgeMs: number;
   releaseTimeoutMs: number;
   quarantineProbeIntervalMs: number;
+  allowlistReloadIntervalMs: number;
   replicas: number;
   requestTimeoutMs: number;
   maxUserDataBytes: number;
@@ -310,6 +311,12 @@ function schemaDefinition(): { [K in SettingKey]: Entry<ByomSettings[K]> } {
       30_000,
       1,
       "Pause between probes of quarantined VMs, in milliseconds",
+    ),
+    allowlistReloadIntervalMs: milliseconds(
+      "BYOM_ALLOWLIST_RELOAD_INTERVAL_MS",
+      60_000,
+      1,
+      "Period of the full re-read of SSH_HOST_KEY_ALLOWLIST_DIR, in milliseconds, besides the reload on every change the watcher sees",
     ),
     replicas: integer(
       "BYOM_REPLICAS",

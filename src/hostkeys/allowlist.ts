@@ -3,42 +3,18 @@ import { stat } from "node:fs/promises";
 import { watch, type FSWatcher } from "chokidar";
 
 import { errorFields, silentLogger, type Logger } from "../logging/index.js";
-import type { HostKey, HostKeyDecision, HostKeyPolicy } from "./fingerprint.js";
+import type {
+  AllowlistReload,
+  AllowlistReloadTrigger,
+  HostKey,
+  HostKeyDecision,
+  HostKeyPolicy,
+} from "./fingerprint.js";
 import {
   readAllowlistDir,
   type AllowedHostKey,
   type AllowlistReadResult,
 } from "./read.js";
-
-/** What started a reload. */
-export type AllowlistReloadTrigger = "start" | "watch" | "period" | "retry";
-
-/**
- * One reload of the allowlist, as given to `onReload` and kept by
- * `status()`. Fingerprints are `SHA256:` text.
- */
-export interface AllowlistReload {
-  /**
-   * True when the directory was read completely and its keys are now in
-   * effect; false when a read failed midway and the last good set stayed.
-   */
-  ok: boolean;
-  /** Keys in effect after this reload. */
-  keys: number;
-  /** Fingerprints trusted now that were not before. */
-  added: string[];
-  /** Fingerprints trusted before that are not any more. */
-  removed: string[];
-  /** Lines and files skipped by this read. */
-  skipped: number;
-  /** Directory-level problems of this read (see AllowlistReadResult). */
-  problems: string[];
-  trigger: AllowlistReloadTrigger;
-  /** When the reload finished. */
-  at: Date;
-  /** Time from the start of the read to the swap, in ms. */
-  durationMs: number;
-}
 
 /** Options of {@link createAllowlistPolicy}. */
 export interface AllowlistPolicyOptions {
@@ -78,6 +54,7 @@ export interface AllowlistPolicy extends HostKeyPolicy {
   keys(): AllowedHostKey[];
   /** Re-reads the directory now; resolves with that reload. */
   reload(): Promise<AllowlistReload>;
+  onReload(listener: (reload: AllowlistReload) => void): () => void;
 }
 
 const defaultReloadIntervalMs = 60_000;
@@ -136,7 +113,7 @@ class Allowlist implements AllowlistPolicy {
   readonly #intervalMs: number;
   readonly #retryDelayMs: number;
   readonly #logger: Logger;
-  readonly #onReload: ((reload: AllowlistReload) => void) | undefined;
+  readonly #listeners = new Set<(reload: AllowlistReload) => void>();
   #set: KeySet;
   #keys: AllowedHostKey[] = [];
   #lastReloadAt: Date | undefined;
@@ -162,7 +139,9 @@ class Allowlist implements AllowlistPolicy {
       mode: "allowlist",
       dir: options.dir,
     });
-    this.#onReload = options.onReload;
+    if (options.onReload !== undefined) {
+      this.#listeners.add(options.onReload);
+    }
     this.#set = {
       byFingerprint: new Map(),
       algorithms: undefined,
@@ -231,6 +210,11 @@ class Allowlist implements AllowlistPolicy {
       ...(this.#lastReload ? { lastReload: this.#lastReload } : {}),
       reloads: this.#reloads,
     };
+  }
+
+  onReload(listener: (reload: AllowlistReload) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
   }
 
   keys(): AllowedHostKey[] {
@@ -438,13 +422,15 @@ class Allowlist implements AllowlistPolicy {
       }
     }
 
-    try {
-      this.#onReload?.(reload);
-    } catch (error) {
-      this.#logger.warn(
-        { err: errorFields(error) },
-        "allowlist onReload listener threw",
-      );
+    for (const listener of this.#listeners) {
+      try {
+        listener(reload);
+      } catch (error) {
+        this.#logger.warn(
+          { err: errorFields(error) },
+          "allowlist onReload listener threw",
+        );
+      }
     }
   }
 }

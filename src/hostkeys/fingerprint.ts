@@ -33,6 +33,12 @@ export interface HostKeyPolicy {
   algorithms(): string[] | undefined;
   /** Whether the policy can accept any VM at all (for `/readyz`). */
   readiness(): { ok: boolean; reason?: string };
+  /**
+   * Subscribes to reloads of the key set (allowlist mode only; undefined
+   * for TOFU). Returns the unsubscribe function. A listener that throws
+   * is logged and ignored.
+   */
+  onReload?(listener: (reload: AllowlistReload) => void): () => void;
   /** Releases watchers and timers; safe to call twice. */
   close(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -85,4 +91,34 @@ function readKeyType(blob: Buffer): string {
     );
   }
   return type;
+}
+
+/** What started a reload. */
+export type AllowlistReloadTrigger = "start" | "watch" | "period" | "retry";
+
+/**
+ * One reload of the allowlist, as given to `onReload` and kept by
+ * `status()`. Fingerprints are `SHA256:` text.
+ */
+export interface AllowlistReload {
+  /**
+   * True when the directory was read completely and its keys are now in
+   * effect; false when a read failed midway and the last good set stayed.
+   */
+  ok: boolean;
+  /** Keys in effect after this reload. */
+  keys: number;
+  /** Fingerprints trusted now that were not before. */
+  added: string[];
+  /** Fingerprints trusted before that are not any more. */
+  removed: string[];
+  /** Lines and files skipped by this read. */
+  skipped: number;
+  /** Directory-level problems of this read (see AllowlistReadResult). */
+  problems: string[];
+  trigger: AllowlistReloadTrigger;
+  /** When the reload finished. */
+  at: Date;
+  /** Time from the start of the read to the swap, in ms. */
+  durationMs: number;
 }

@@ -7,13 +7,15 @@
  * while the agent runs).
  */
 import type { Logger } from "../logging/index.js";
-import { createAllowlistPolicy, type AllowlistReload } from "./allowlist.js";
-import type { HostKeyPolicy } from "./fingerprint.js";
+import { createAllowlistPolicy } from "./allowlist.js";
+import type { AllowlistReload, HostKeyPolicy } from "./fingerprint.js";
 import { createTofuPolicy } from "./tofu.js";
 
 export {
   fingerprintOf,
   hostKeyFromBlob,
+  type AllowlistReload,
+  type AllowlistReloadTrigger,
   type HostKey,
   type HostKeyDecision,
   type HostKeyMode,
@@ -24,8 +26,6 @@ export {
   createAllowlistPolicy,
   type AllowlistPolicy,
   type AllowlistPolicyOptions,
-  type AllowlistReload,
-  type AllowlistReloadTrigger,
   type AllowlistStatus,
 } from "./allowlist.js";
 export {

@@ -7,6 +7,10 @@ import {
   type ByomConfig,
 } from "../../config/index.js";
 import { loadPrivateKey } from "../../delivery/index.js";
+import {
+  createHostKeyPolicy,
+  type HostKeyPolicy,
+} from "../../hostkeys/index.js";
 import type { Logger } from "../../logging/index.js";
 import {
   createMetrics,
@@ -63,6 +67,7 @@ export async function runAgent(
   const natsWatch = metrics.attachNats(nc);
   let agent: Agent | undefined;
   let http: HealthServer | undefined;
+  let policy: HostKeyPolicy | undefined;
   try {
     // Listen first: liveness answers during start-up, readiness says why not.
     if (config.httpPort > 0) {
@@ -83,7 +88,13 @@ export async function runAgent(
         },
       });
     }
+    policy = await createHostKeyPolicy({
+      allowlistDir: config.sshHostKeyAllowlistDir,
+      reloadIntervalMs: config.allowlistReloadIntervalMs,
+      logger: logger.child({ component: "hostkeys" }),
+    });
     agent = await createAgent({
+      policy,
       nc,
       names: config.names,
       pool,
@@ -112,6 +123,8 @@ export async function runAgent(
     await untilSignal(logger);
     await agent.close();
   } finally {
+    // The agent closes the policy; this covers a failed start.
+    await policy?.close();
     await http?.close();
     metrics.close();
     await nc.drain().catch(() => nc.close());

@@ -257,6 +257,13 @@ describe("readAllowlistDir", () => {
       ]);
       assert.equal(policy.status().keys, 2);
       assert.ok(policy.status().lastReloadAt instanceof Date);
+
+      const seen: number[] = [];
+      const unsubscribe = policy.onReload((reload) => seen.push(reload.keys));
+      await policy.reload();
+      unsubscribe();
+      await policy.reload();
+      assert.deepEqual(seen, [2]);
     } finally {
       await policy.close();
     }
