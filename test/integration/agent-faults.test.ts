@@ -1,0 +1,256 @@
+import assert from "node:assert/strict";
+import { readdir, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+
+import { ByomError } from "../../src/errors/index.js";
+import { createLeaseStore, type LeaseStore } from "../../src/lease/index.js";
+import {
+  allocationIdOf,
+  preferredIndex,
+  resourceNames,
+  type ResourceNames,
+} from "../../src/protocol/index.js";
+import { createPublisher, type Publisher } from "../../src/publisher/index.js";
+import {
+  startAgentProcess,
+  type AgentProcess,
+} from "../helpers/agent-process.js";
+import { startNatsServer, type NatsServer } from "../helpers/nats.js";
+import { startSandbox, type TestSandbox } from "../helpers/sandbox.js";
+import { waitFor } from "../helpers/wait.js";
+
+const userDataFile = new URL(
+  "../fixtures/userdata/pod-large-policy.yaml",
+  import.meta.url,
+);
+
+/** One deployment's names and env, so scenarios do not share a consumer. */
+function deployment(
+  prefix: string,
+  server: NatsServer,
+  vms: TestSandbox,
+  extra: NodeJS.ProcessEnv,
+) {
+  const names = resourceNames({
+    subjectPrefix: `${prefix}.v1.requests`,
+    stream: `${prefix.toUpperCase()}_REQUESTS`,
+    consumer: `${prefix}-agents`,
+    leaseBucket: `${prefix}-leases`,
+    resultBucket: `${prefix}-results`,
+  });
+  const pool = vms.sandbox.status().map((vm) => vm.ip);
+  const env: NodeJS.ProcessEnv = {
+    NATS_URL: server.url,
+    VM_POOL_IPS: pool.join(","),
+    SSH_PRIV_KEY_PATH: vms.privateKeyPath,
+    SSH_TIMEOUT: "2",
+    BYOM_SUBJECT_PREFIX: names.subjectPrefix,
+    BYOM_STREAM: names.stream,
+    BYOM_CONSUMER: names.consumer,
+    BYOM_LEASE_BUCKET: names.leaseBucket,
+    BYOM_RESULT_BUCKET: names.resultBucket,
+    BYOM_ACK_WAIT_MS: "2000",
+    BYOM_QUARANTINE_PROBE_INTERVAL_MS: "300",
+    ...extra,
+  };
+  return { names, pool, env };
+}
+
+describe("agent faults: killed agents, used-up deliveries, expired requests", () => {
+  let server: NatsServer;
+  let vms: TestSandbox;
+  let nc: NatsConnection;
+  const agents: AgentProcess[] = [];
+  const stores: LeaseStore[] = [];
+  const stopped = new Set<number>();
+  let userData: Buffer;
+
+  before(async () => {
+    server = await startNatsServer();
+    vms = await startSandbox({ vms: 3, firstIp: "127.61.0.2" });
+    nc = await connect({ servers: server.url });
+    userData = await readFile(userDataFile);
+  });
+
+  after(async () => {
+    for (const pid of stopped) {
+      process.kill(pid, "SIGCONT");
+    }
+    for (const agent of agents) {
+      await agent.stop("SIGKILL");
+    }
+    for (const store of stores) {
+      await store.close();
+    }
+    await nc?.close();
+    await vms?.stop();
+    await server?.stop();
+  });
+
+  async function agent(
+    env: NodeJS.ProcessEnv,
+    node: string,
+  ): Promise<AgentProcess> {
+    const started = await startAgentProcess({ ...env, NODE_NAME: node });
+    agents.push(started);
+    return started;
+  }
+
+  /** Freezes a VM's sshd: TCP still connects, SSH never answers. */
+  function freeze(ip: string): void {
+    const pid = vms.sandbox.vm(ip).pid!;
+    process.kill(pid, "SIGSTOP");
+    stopped.add(pid);
+  }
+
+  function thaw(ip: string): void {
+    const pid = vms.sandbox.vm(ip).pid!;
+    process.kill(pid, "SIGCONT");
+    stopped.delete(pid);
+  }
+
+  async function leases(
+    names: ResourceNames,
+    pool: string[],
+  ): Promise<LeaseStore> {
+    const store = createLeaseStore({
+      nc,
+      bucket: names.leaseBucket,
+      pool,
+      agent: "test",
+    });
+    await store.start();
+    stores.push(store);
+    return store;
+  }
+
+  function publisherFor(names: ResourceNames): Publisher {
+    return createPublisher({
+      nc,
+      names,
+      requestingNode: "node-x",
+      requestTimeoutMs: 40_000,
+    });
+  }
+
+  it("lets another agent finish a create whose agent was killed mid-delivery, on the same lease", async () => {
+    const { names, pool, env } = deployment("killed", server, vms, {
+      BYOM_MAX_DELIVER: "5",
+    });
+    const target =
+      pool[preferredIndex(allocationIdOf("kill-1", "s"), pool.length)]!;
+    freeze(target);
+    const first = await agent(env, "node-a");
+
+    const creating = publisherFor(names).createInstance({
+      podName: "kill-1",
+      sandboxId: "s",
+      userData,
+    });
+    await first.waitForLog(
+      new RegExp(`"ip":"${target.replaceAll(".", "\\.")}".*lease acquired`),
+    );
+    await first.stop("SIGKILL");
+    thaw(target);
+    await agent(env, "node-b");
+
+    const created = await creating;
+    assert.equal(created.instance.id, target);
+    const store = await leases(names, pool);
+    const live = (await store.list()).filter(
+      (lease) => lease.record.state !== "free",
+    );
+    assert.deepEqual(
+      live.map((lease) => [
+        lease.record.ip,
+        lease.record.state,
+        lease.record.allocationId,
+      ]),
+      [[target, "ready", "kill-1-s"]],
+    );
+    const cidata = vms.sandbox.vm(target).cidataDir;
+    assert.deepEqual(await readdir(cidata), ["user-data"]);
+    assert.deepEqual(await readFile(join(cidata, "user-data")), userData);
+  });
+
+  it("answers a request that used up its deliveries, quarantines its VM and removes it from the stream", async () => {
+    const { names, pool, env } = deployment("exhausted", server, vms, {
+      BYOM_MAX_DELIVER: "2",
+    });
+    const target =
+      pool[preferredIndex(allocationIdOf("kill-2", "s"), pool.length)]!;
+    freeze(target);
+    // Every agent that takes the request hangs on the frozen VM and is
+    // killed there; a fresh one is started each time to receive the next
+    // delivery, and the last one answers the used-up request.
+    let current = await agent(env, "node-c");
+    const creating = publisherFor(names)
+      .createInstance({ podName: "kill-2", sandboxId: "s", userData })
+      .then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+    for (let delivery = 1; delivery <= 2; delivery += 1) {
+      await current.waitForLog(/"allocationId":"kill-2-s".*lease acquired/);
+      await current.stop("SIGKILL");
+      current = await agent(env, `node-c${delivery}`);
+    }
+    const survivor = current;
+
+    const error = await creating;
+    assert.ok(
+      error instanceof ByomError,
+      `expected a ByomError, got ${String(error)}`,
+    );
+    assert.equal(error.code, "UNAVAILABLE");
+    assert.match(error.message, /delivered 2 times/);
+
+    const store = await leases(names, pool);
+    const lease = await store.get(target);
+    assert.equal(lease?.record.state, "quarantined");
+    assert.match(lease?.record.reason ?? "", /abandoned/);
+    const jsm = await jetstreamManager(nc);
+    await waitFor(
+      async () => (await jsm.streams.info(names.stream)).state.messages === 0,
+      {
+        what: "the abandoned request to leave the stream",
+      },
+    );
+
+    thaw(target);
+    await waitFor(
+      async () => (await store.get(target))?.record.state === "free",
+      {
+        timeoutMs: 15_000,
+        what: `${target} to return once its sshd answers with an empty cidata`,
+      },
+    );
+    assert.ok(survivor.child.exitCode === null);
+  });
+
+  it("answers EXPIRED to a request whose deadline passed, and leases nothing", async () => {
+    const { names, pool, env } = deployment("expired", server, vms, {});
+    await agent(env, "node-e");
+    const store = await leases(names, pool);
+
+    await assert.rejects(
+      publisherFor(names).createInstance({
+        podName: "late-1",
+        sandboxId: "s",
+        userData,
+        timeoutMs: 1,
+      }),
+      (error: unknown) =>
+        error instanceof ByomError &&
+        (error.code === "EXPIRED" || error.code === "UNAVAILABLE"),
+    );
+    const live = (await store.list()).filter(
+      (lease) => lease.record.state !== "free",
+    );
+    assert.deepEqual(live, []);
+  });
+});
