@@ -23,6 +23,7 @@ import {
   type Request,
   type ResourceNames,
   type Result,
+  type SealedUserData,
 } from "../protocol/index.js";
 import {
   defaultQueueSettings,
@@ -64,6 +65,10 @@ export interface AgentOptions {
   quarantineProbeIntervalMs?: number;
   /** Readiness probe budget per VM at claim time; default 3000 ms. */
   readinessTimeoutMs?: number;
+  /** Opens sealed user-data (`userDataSealed`); without it such a create fails INVALID_REQUEST. */
+  unseal?: (sealed: SealedUserData) => string;
+  /** Refuse user-data in clear (`userData`) with INVALID_REQUEST; default false. */
+  requireSealed?: boolean;
   logger?: Logger;
 }
 
@@ -221,6 +226,8 @@ class AgentImpl implements Agent {
       releaseTimeoutMs: this.#options.releaseTimeoutMs ?? 300_000,
       readinessTimeoutMs: this.#options.readinessTimeoutMs ?? 3000,
       connectTimeoutMs: this.#options.ssh.connectTimeoutMs,
+      ...(this.#options.unseal ? { unseal: this.#options.unseal } : {}),
+      requireSealed: this.#options.requireSealed ?? false,
     };
   }
 

@@ -1,6 +1,7 @@
 import type { Delivery } from "../delivery/index.js";
 import type { LeaseStore } from "../lease/index.js";
 import type { Logger } from "../logging/index.js";
+import type { SealedUserData } from "../protocol/index.js";
 import type { SafeEmitter } from "./events.js";
 
 /** What the handlers need from the agent. */
@@ -13,4 +14,8 @@ export interface AgentContext {
   readonly releaseTimeoutMs: number;
   readonly readinessTimeoutMs: number;
   readonly connectTimeoutMs: number;
+  /** Opens `userDataSealed`; absent when the agent has no sealing seed. */
+  readonly unseal?: (sealed: SealedUserData) => string;
+  /** Refuse user-data sent in clear. */
+  readonly requireSealed: boolean;
 }

@@ -2,6 +2,7 @@ import type { ByomError } from "../errors/index.js";
 import {
   ExpiredError,
   HostKeyRejectedError,
+  InvalidRequestError,
   VmUnreachableError,
   toByomError,
 } from "../errors/index.js";
@@ -30,8 +31,7 @@ export async function handleCreate(
   result: SuccessResult;
   timingsMs: { lease: number; probe: number };
 }> {
-  parseUserData(request.userData, { requireHeader: true });
-  const data = Buffer.from(request.userData, "utf8");
+  const data = Buffer.from(userDataOf(context, request), "utf8");
   const allocationId = allocationIdOf(request.podName, request.sandboxId);
   const deadline = new Date(request.deadline);
   const log = context.logger.child({ allocationId });
@@ -106,6 +106,30 @@ export async function handleCreate(
       throw failure;
     }
   }
+}
+
+/**
+ * The request's user-data in clear, checked as the pod VM will parse it:
+ * opened when sealed, refused in clear when the agent requires sealing.
+ */
+function userDataOf(context: AgentContext, request: CreateRequest): string {
+  let text: string;
+  if (request.userDataSealed !== undefined) {
+    if (context.unseal === undefined) {
+      throw new InvalidRequestError(
+        'field "userDataSealed" cannot be opened: this agent has no sealing seed (BYOM_SEALING_SEED_FILE)',
+      );
+    }
+    text = context.unseal(request.userDataSealed);
+  } else if (context.requireSealed) {
+    throw new InvalidRequestError(
+      'field "userData" must be sealed: this agent requires sealed user-data (BYOM_REQUIRE_SEALED)',
+    );
+  } else {
+    text = request.userData ?? "";
+  }
+  parseUserData(text, { requireHeader: true });
+  return text;
 }
 
 /** Why a VM that failed this way should leave service, if it should. */

@@ -15,8 +15,22 @@ export interface CreateRequest {
   requestingNode: string;
   /** RFC 3339 time after which the request must not start. */
   deadline: string;
-  /** cloud-init `#cloud-config` document, UTF-8. */
-  userData: string;
+  /** cloud-init `#cloud-config` document, UTF-8; or give `userDataSealed`. */
+  userData?: string;
+  /** `userData` sealed to the agents' xkey; exactly one of the two is set. */
+  userDataSealed?: SealedUserData;
+}
+
+/**
+ * User-data sealed to the agents' curve25519 (xkey) public key with a
+ * fresh sender key per message, so the broker never holds it in clear.
+ */
+export interface SealedUserData {
+  alg: "x25519-xsalsa20-poly1305";
+  /** Ephemeral xkey public key (`X...`) of the sender. */
+  sender: string;
+  /** Base64 of the sealed bytes as `@nats-io/nkeys` writes them. */
+  box: string;
 }
 
 /** Give a pod VM back. */

@@ -12,7 +12,15 @@ export const Limits = {
   nodeNameMaxLength: 253,
   /** Upper bound of user-data whatever the server allows: 4 MiB. */
   userDataMaxBytes: 4 * 1024 * 1024,
+  /** Base64 length of a sealed box of the largest user-data. */
+  sealedBoxMaxLength: Math.ceil((4 * 1024 * 1024 + 64) / 3) * 4,
 } as const;
+
+/** The one algorithm of sealed user-data (NaCl box with an ephemeral sender). */
+export const SealedAlgorithm = "x25519-xsalsa20-poly1305" as const;
+
+/** An xkey (curve25519) public key: base32, 56 characters, starting with X. */
+export const xkeyPublicPattern = "^X[A-Z2-7]{55}$";
 
 const requestId = {
   type: "string",
@@ -63,8 +71,8 @@ export const createRequestSchema = {
     "sandboxId",
     "requestingNode",
     "deadline",
-    "userData",
   ],
+  oneOf: [{ required: ["userData"] }, { required: ["userDataSealed"] }],
   properties: {
     v: { const: 1 },
     kind: { const: "create" },
@@ -84,6 +92,27 @@ export const createRequestSchema = {
       minLength: 1,
       maxLength: Limits.userDataMaxBytes,
       description: "cloud-init #cloud-config document with write_files only.",
+    },
+    userDataSealed: {
+      type: "object",
+      required: ["alg", "sender", "box"],
+      description:
+        "userData sealed to the agents' xkey: give this or userData, not both.",
+      properties: {
+        alg: { const: SealedAlgorithm },
+        sender: {
+          type: "string",
+          pattern: xkeyPublicPattern,
+          description: "Ephemeral xkey public key of the sender.",
+        },
+        box: {
+          type: "string",
+          minLength: 1,
+          maxLength: Limits.sealedBoxMaxLength,
+          pattern: "^[A-Za-z0-9+/]+={0,2}$",
+          description: "Base64 of the sealed bytes (xkv1 header, nonce, box).",
+        },
+      },
     },
   },
 } as const;
@@ -109,6 +138,7 @@ export const deleteRequestSchema = {
       type: "string",
       minLength: 1,
       maxLength: 64,
+      pattern: "^[0-9A-Fa-f.:]+$",
       description: "The VM's IP address, as returned by create.",
     },
     allocationId: {

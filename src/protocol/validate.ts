@@ -11,6 +11,7 @@ import type {
   Request,
   Result,
 } from "./messages.js";
+import { canonicalIp } from "./ip.js";
 import { PROTOCOL_VERSION, RequestKind } from "./names.js";
 import {
   createRequestSchema,
@@ -69,22 +70,67 @@ function fieldOf(error: ErrorObject): string {
   return path === "" ? "(message)" : path;
 }
 
-function ruleOf(error: ErrorObject): string {
+/** Pattern rules said in words, by field. */
+const patternRules: Record<string, string> = {
+  instanceId: "must be an IP address",
+  "userDataSealed.sender":
+    "must be an xkey public key (X followed by 55 base32 characters)",
+  "userDataSealed.box": "must be base64",
+};
+
+function ruleOf(error: ErrorObject, field: string): string {
+  const params = error.params as Record<string, unknown>;
   switch (error.keyword) {
     case "required":
       return "is required";
     case "pattern":
-      return `must match ${(error.params as { pattern: string }).pattern}`;
+      return patternRules[field] ?? `must match ${String(params.pattern)}`;
     case "const":
-      return `must be ${showValue((error.params as { allowedValue: unknown }).allowedValue)}`;
+      return `must be ${showValue(params.allowedValue)}`;
+    case "type":
+      return `must be ${String(params.type)}`;
+    case "minLength":
+      return params.limit === 1
+        ? "must not be empty"
+        : `must be at least ${String(params.limit)} characters`;
+    case "maxLength":
+      return `must be at most ${String(params.limit)} characters`;
     default:
       return error.message ?? error.keyword;
   }
 }
 
-function describe(error: ErrorObject, message: unknown): string {
+/** Fields whose value is never repeated in a message: user-data is secret. */
+function isSecretField(field: string): boolean {
+  return field === "userData" || field === "userDataSealed.box";
+}
+
+/** A value for a message; a secret one only by type and length. */
+function showField(field: string, value: unknown): string {
+  if (!isSecretField(field)) {
+    return showValue(value);
+  }
+  return typeof value === "string"
+    ? `a string of ${value.length} characters`
+    : `a value of type ${value === null ? "null" : typeof value}`;
+}
+
+/** The message of a failed `oneOf` between userData and userDataSealed. */
+function describeUserDataChoice(message: Record<string, unknown>): string {
+  return "userData" in message && "userDataSealed" in message
+    ? 'fields "userData" and "userDataSealed" are exclusive: give exactly one'
+    : 'field "userData" is required (or "userDataSealed" when sealed)';
+}
+
+function describe(
+  error: ErrorObject,
+  message: Record<string, unknown>,
+): string {
+  if (error.schemaPath.startsWith("#/oneOf")) {
+    return describeUserDataChoice(message);
+  }
   const field = fieldOf(error);
-  const rule = ruleOf(error);
+  const rule = ruleOf(error, field);
   if (error.keyword === "required") {
     return `field "${field}" ${rule}`;
   }
@@ -98,7 +144,7 @@ function describe(error: ErrorObject, message: unknown): string {
           : undefined,
       message,
     );
-  return `field "${field}" ${rule} (got ${showValue(value)})`;
+  return `field "${field}" ${rule} (got ${showField(field, value)})`;
 }
 
 /**
@@ -184,6 +230,14 @@ export function validateRequest(message: Record<string, unknown>): Request {
     const first = validate.errors?.[0];
     throw new InvalidRequestError(
       first === undefined ? "request is invalid" : describe(first, message),
+    );
+  }
+  if (
+    message.kind === RequestKind.Delete &&
+    canonicalIp(String(message.instanceId)) === undefined
+  ) {
+    throw new InvalidRequestError(
+      `field "instanceId" must be an IP address (got ${showValue(message.instanceId)})`,
     );
   }
   return message as unknown as Request;

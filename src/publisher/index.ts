@@ -35,6 +35,7 @@ import {
   type Result,
   type SuccessResult,
 } from "../protocol/index.js";
+import { sealUserData } from "../sealing/index.js";
 
 /** Options of a publisher (the CAA side). */
 export interface PublisherOptions {
@@ -47,6 +48,12 @@ export interface PublisherOptions {
   requestTimeoutMs?: number;
   /** Cap on user-data bytes besides the server's max_payload; default 1 MiB. */
   maxUserDataBytes?: number;
+  /**
+   * The agents' xkey public key (`X...`, `BYOM_SEALING_PUBLIC_KEY`). When
+   * set, user-data travels sealed (`userDataSealed`) and the broker never
+   * holds it in clear.
+   */
+  sealingPublicKey?: string;
   logger?: Logger;
 }
 
@@ -122,6 +129,9 @@ class PublisherImpl implements Publisher {
     const userData = decodeUserData(input.userData);
     const timeoutMs =
       input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
+    const userDataBytes = Buffer.byteLength(userData, "utf8");
+    this.#checkUserDataSize(userDataBytes);
+    const sealingKey = this.#options.sealingPublicKey;
     const request: CreateRequest = {
       v: PROTOCOL_VERSION,
       kind: RequestKind.Create,
@@ -131,10 +141,11 @@ class PublisherImpl implements Publisher {
       sandboxId: input.sandboxId,
       requestingNode: this.#options.requestingNode,
       deadline: new Date(Date.now() + timeoutMs).toISOString(),
-      userData,
+      ...(sealingKey
+        ? { userDataSealed: sealUserData(userData, sealingKey) }
+        : { userData }),
     };
-    this.#checkUserDataSize(userData);
-    const result = await this.#send(request, timeoutMs);
+    const result = await this.#send(request, timeoutMs, userDataBytes);
     if (result.instance === undefined || result.allocationId === undefined) {
       throw new UnavailableError(
         `result of ${request.requestId} names no instance`,
@@ -181,26 +192,39 @@ class PublisherImpl implements Publisher {
     return decodeResult(entry.value);
   }
 
-  #checkUserDataSize(userData: string): void {
-    const bytes = Buffer.byteLength(userData, "utf8");
+  /** The NATS server's max_payload, from its INFO; 1 MiB when unknown. */
+  #maxPayload(): number {
+    return this.#options.nc.info?.max_payload ?? 1024 * 1024;
+  }
+
+  /** The cap check, before sealing or encoding anything. */
+  #checkUserDataSize(bytes: number): void {
     const cap = this.#options.maxUserDataBytes ?? 1024 * 1024;
     if (bytes > cap) {
       throw new PayloadTooLargeError(
-        `user-data is ${bytes} bytes; the configured cap (BYOM_MAX_USER_DATA_BYTES) is ${cap} bytes`,
+        `user-data is ${bytes} bytes; the configured cap (BYOM_MAX_USER_DATA_BYTES) is ${cap} bytes (the NATS server's max_payload is ${this.#maxPayload()} bytes); nothing was sent`,
       );
     }
   }
 
-  async #send(request: Request, timeoutMs: number): Promise<SuccessResult> {
+  async #send(
+    request: Request,
+    timeoutMs: number,
+    userDataBytes?: number,
+  ): Promise<SuccessResult> {
     if (this.#closed) {
       throw new UnavailableError("publisher is closed");
     }
     validateRequest(request as unknown as Record<string, unknown>);
     const payload = new TextEncoder().encode(JSON.stringify(request));
-    const maxPayload = this.#options.nc.info?.max_payload ?? 1024 * 1024;
+    const maxPayload = this.#maxPayload();
     if (payload.length > maxPayload) {
+      const inside =
+        userDataBytes === undefined
+          ? ""
+          : ` (user-data ${userDataBytes} bytes${request.kind === RequestKind.Create && request.userDataSealed ? ", sealed" : ""})`;
       throw new PayloadTooLargeError(
-        `encoded request is ${payload.length} bytes; the NATS server's max_payload is ${maxPayload} bytes`,
+        `encoded request is ${payload.length} bytes${inside}; the NATS server's max_payload is ${maxPayload} bytes; nothing was sent`,
       );
     }
 
