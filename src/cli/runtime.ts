@@ -12,6 +12,7 @@ export interface RuntimeSettings {
   natsPassword: string;
   natsToken: string;
   natsCredsFile: string;
+  natsNkeySeedFile: string;
   natsTlsCa: string;
   natsTlsCert: string;
   natsTlsKey: string;
@@ -56,6 +57,9 @@ export function natsOptionsFrom(
       : {}),
     ...(settings.natsToken ? { token: settings.natsToken } : {}),
     ...(settings.natsCredsFile ? { credsFile: settings.natsCredsFile } : {}),
+    ...(settings.natsNkeySeedFile
+      ? { nkeySeedFile: settings.natsNkeySeedFile }
+      : {}),
     tls: {
       ...(settings.natsTlsCa ? { caFile: settings.natsTlsCa } : {}),
       ...(settings.natsTlsCert ? { certFile: settings.natsTlsCert } : {}),

@@ -26,6 +26,8 @@ export {
 export {
   LogFormats,
   LogLevels,
+  RequireSealedChoices,
+  type RequireSealed,
   type ByomSettings,
   type LogFormat,
   type LogLevel,

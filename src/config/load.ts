@@ -40,6 +40,8 @@ export type ByomConfig = Readonly<ByomSettings> & {
   readonly names: ResourceNames;
   /** `natsUrl` split into trimmed entries. */
   readonly natsServers: readonly string[];
+  /** `requireSealed` resolved: "auto" is true when a seed file is set. */
+  readonly sealedRequired: boolean;
 };
 
 /** Options of {@link loadConfig}; every one is optional. */
@@ -333,6 +335,17 @@ function checkPairs(settings: ByomSettings): void {
       "NATS_TOKEN and NATS_USER (natsToken, natsUser): use a token or a user, not both",
     );
   }
+  const natsAuth = [
+    settings.natsUser !== "" ? "NATS_USER" : "",
+    settings.natsToken !== "" ? "NATS_TOKEN" : "",
+    settings.natsNkeySeedFile !== "" ? "NATS_NKEY_SEED_FILE" : "",
+    settings.natsCredsFile !== "" ? "NATS_CREDS" : "",
+  ].filter((name) => name !== "");
+  if (natsAuth.length > 1) {
+    throw new ConfigError(
+      `${natsAuth.join(" and ")} are set together: NATS authentication takes one of user and password, token, nkey seed file or credentials file`,
+    );
+  }
 }
 
 function deriveConfig(
@@ -362,6 +375,10 @@ function deriveConfig(
     node,
     names,
     natsServers: splitServers(settings.natsUrl),
+    sealedRequired:
+      settings.requireSealed === "auto"
+        ? settings.sealingSeedFile !== ""
+        : settings.requireSealed === "true",
   });
 }
 

@@ -18,6 +18,10 @@ export type LogLevel = (typeof LogLevels)[number];
 export const LogFormats = ["json", "pretty"] as const;
 export type LogFormat = (typeof LogFormats)[number];
 
+/** Values of `BYOM_REQUIRE_SEALED`: auto = required when a seed file is set. */
+export const RequireSealedChoices = ["auto", "true", "false"] as const;
+export type RequireSealed = (typeof RequireSealedChoices)[number];
+
 /** Schemes a `NATS_URL` entry may use. */
 const natsSchemes = ["nats:", "tls:", "ws:", "wss:"];
 
@@ -41,6 +45,7 @@ export interface ByomSettings {
   natsUser: string;
   natsPassword: string;
   natsToken: string;
+  natsNkeySeedFile: string;
   natsTlsCa: string;
   natsTlsCert: string;
   natsTlsKey: string;
@@ -59,6 +64,9 @@ export interface ByomSettings {
   replicas: number;
   requestTimeoutMs: number;
   maxUserDataBytes: number;
+  sealingPublicKey: string;
+  sealingSeedFile: string;
+  requireSealed: RequireSealed;
   logLevel: LogLevel;
   logFormat: LogFormat;
   httpPort: number;
@@ -230,6 +238,11 @@ function schemaDefinition(): { [K in SettingKey]: Entry<ByomSettings[K]> } {
     natsUser: text("NATS_USER", "", "NATS user name; empty for none"),
     natsPassword: secret("NATS_PASSWORD", "NATS password for NATS_USER"),
     natsToken: secret("NATS_TOKEN", "NATS authentication token"),
+    natsNkeySeedFile: text(
+      "NATS_NKEY_SEED_FILE",
+      "",
+      "File holding the NATS user's nkey seed (SU...) for nkey authentication; empty for none",
+    ),
     natsTlsCa: text(
       "NATS_TLS_CA",
       "",
@@ -340,6 +353,26 @@ function schemaDefinition(): { [K in SettingKey]: Entry<ByomSettings[K]> } {
       "must be an integer number of bytes from 1 to 67108864",
       "Largest user-data a publisher sends, in bytes (the server's max_payload also applies)",
     ),
+    sealingPublicKey: {
+      doc: "Publisher: the agents' xkey public key (X...); when set, user-data is sealed to it so the broker never holds it in clear (docs/sealing.md)",
+      format: "byom-xkey-public",
+      default: "",
+      env: "BYOM_SEALING_PUBLIC_KEY",
+      rule: "must be empty or an xkey public key: X followed by 55 base32 characters (byom keys sealing generate)",
+    },
+    sealingSeedFile: text(
+      "BYOM_SEALING_SEED_FILE",
+      "",
+      "Agent: file(s) holding the xkey seed (SX...) that opens sealed user-data, comma-separated, newest first, during a rotation; empty for none",
+    ),
+    requireSealed: {
+      doc: "Agent: refuse user-data sent in clear; auto means true when BYOM_SEALING_SEED_FILE is set",
+      format: "byom-choice",
+      default: "auto",
+      env: "BYOM_REQUIRE_SEALED",
+      rule: `must be one of ${RequireSealedChoices.join(", ")}`,
+      choices: RequireSealedChoices,
+    },
     logLevel: {
       doc: "Log level",
       format: "byom-choice",
@@ -504,6 +537,17 @@ const formats: Record<string, Format> = {
         typeof value !== "string" ||
         value.length > 255 ||
         !subjectText.test(value)
+      ) {
+        fail(entry.rule);
+      }
+    },
+    coerce: (value) => value.trim(),
+  },
+  "byom-xkey-public": {
+    validate: (value, entry) => {
+      if (
+        typeof value !== "string" ||
+        (value !== "" && !/^X[A-Z2-7]{55}$/.test(value))
       ) {
         fail(entry.rule);
       }

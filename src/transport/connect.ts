@@ -3,11 +3,12 @@ import { readFile } from "node:fs/promises";
 import {
   connect,
   credsAuthenticator,
+  nkeyAuthenticator,
   type NatsConnection,
   type NodeConnectionOptions,
 } from "@nats-io/transport-node";
 
-import { UnavailableError } from "../errors/index.js";
+import { ConfigError, UnavailableError } from "../errors/index.js";
 import type { Logger } from "../logging/index.js";
 
 /** How to reach NATS; plain values, usually taken from the config. */
@@ -21,6 +22,8 @@ export interface NatsConnectOptions {
   token?: string;
   /** Path of a `.creds` file (JWT + nkey seed). */
   credsFile?: string;
+  /** Path of a file holding a user nkey seed (`SU...`) for nkey auth. */
+  nkeySeedFile?: string;
   tls?: { caFile?: string; certFile?: string; keyFile?: string };
   /** First connection timeout; default 5000 ms. */
   timeoutMs?: number;
@@ -32,9 +35,38 @@ function serverList(servers: string | readonly string[]): string[] {
   return list.map((server) => server.trim()).filter((server) => server !== "");
 }
 
+/** Reads a credentials file; the error names the file, never its content. */
+async function readSecretFile(path: string, setting: string): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (error) {
+    const reason = (error as NodeJS.ErrnoException).code ?? String(error);
+    throw new ConfigError(
+      `${setting} file "${path}" cannot be read: ${reason}`,
+      { cause: error },
+    );
+  }
+}
+
+/** The seed line of an nkey seed file (comments and blank lines skipped). */
+function nkeySeedOf(content: Buffer): Uint8Array {
+  const seed = content
+    .toString("utf8")
+    .split(/\r?\n/)
+    .map((line) => line.trim())
+    .find((line) => line !== "" && !line.startsWith("#"));
+  if (seed === undefined || !seed.startsWith("SU")) {
+    throw new ConfigError(
+      "NATS_NKEY_SEED_FILE must hold a user nkey seed (a line starting with SU)",
+    );
+  }
+  return new TextEncoder().encode(seed);
+}
+
 /**
  * Connects to NATS and keeps reconnecting forever after the first success.
- * Throws UnavailableError when the first connection fails.
+ * Throws UnavailableError when the first connection fails, ConfigError
+ * when a credentials or seed file cannot be used.
  */
 export async function connectNats(
   options: NatsConnectOptions,
@@ -55,7 +87,14 @@ export async function connectNats(
   }
   if (options.credsFile) {
     settings.authenticator = credsAuthenticator(
-      await readFile(options.credsFile),
+      await readSecretFile(options.credsFile, "NATS_CREDS"),
+    );
+  }
+  if (options.nkeySeedFile) {
+    settings.authenticator = nkeyAuthenticator(
+      nkeySeedOf(
+        await readSecretFile(options.nkeySeedFile, "NATS_NKEY_SEED_FILE"),
+      ),
     );
   }
   const tls = options.tls;

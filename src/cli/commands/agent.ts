@@ -1,12 +1,17 @@
 import type { Command } from "commander";
 
-import { createAgent, type Agent } from "../../agent/index.js";
+import {
+  createAgent,
+  type Agent,
+  type AgentOptions,
+} from "../../agent/index.js";
 import {
   loadConfig,
   requirePool,
   type ByomConfig,
 } from "../../config/index.js";
 import { loadPrivateKey } from "../../delivery/index.js";
+import { ConfigError } from "../../errors/index.js";
 import {
   createHostKeyPolicy,
   type HostKeyPolicy,
@@ -17,6 +22,11 @@ import {
   startHealthServer,
   type HealthServer,
 } from "../../observability/index.js";
+import {
+  createUnsealer,
+  loadSealingSeeds,
+  sealingPublicKeyOf,
+} from "../../sealing/index.js";
 import { connectNats } from "../../transport/index.js";
 import { createRootLogger, natsOptionsFrom, untilSignal } from "../runtime.js";
 
@@ -117,6 +127,7 @@ export async function runAgent(
       concurrency: config.concurrency,
       releaseTimeoutMs: config.releaseTimeoutMs,
       quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
+      ...(await sealingOptions(config, logger)),
       logger,
     });
     metrics.attachAgent(agent);
@@ -129,4 +140,35 @@ export async function runAgent(
     metrics.close();
     await nc.drain().catch(() => nc.close());
   }
+}
+
+/**
+ * The agent's sealing options from BYOM_SEALING_SEED_FILE and
+ * BYOM_REQUIRE_SEALED. Logs the seed files and public keys, never a seed.
+ */
+async function sealingOptions(
+  config: ByomConfig,
+  logger: Logger,
+): Promise<Pick<AgentOptions, "unseal" | "requireSealed">> {
+  if (config.sealingSeedFile === "") {
+    if (config.sealedRequired) {
+      throw new ConfigError(
+        "BYOM_REQUIRE_SEALED=true (requireSealed) needs BYOM_SEALING_SEED_FILE (sealingSeedFile): without a seed the agent could open no user-data",
+      );
+    }
+    return { requireSealed: false };
+  }
+  const seeds = await loadSealingSeeds(config.sealingSeedFile);
+  logger.info(
+    {
+      seedFiles: config.sealingSeedFile,
+      publicKeys: seeds.map((seed) => sealingPublicKeyOf(seed)),
+      requireSealed: config.sealedRequired,
+    },
+    "sealed user-data enabled",
+  );
+  return {
+    unseal: createUnsealer(seeds),
+    requireSealed: config.sealedRequired,
+  };
 }

@@ -4,6 +4,7 @@ import { registerAgentCommand } from "./agent.js";
 import { registerAllowlistCommands } from "./allowlist.js";
 import { registerConfigCommands } from "./config.js";
 import { registerDemoCommand } from "./demo.js";
+import { registerKeysCommands } from "./keys.js";
 import { registerPoolCommands } from "./pool.js";
 import { registerPublishCommands } from "./publish.js";
 import { registerSandboxCommands } from "./sandbox.js";
@@ -15,6 +16,7 @@ export function registerCommands(program: Command): void {
   registerPublishCommands(program);
   registerPoolCommands(program);
   registerConfigCommands(program);
+  registerKeysCommands(program);
   registerSandboxCommands(program);
   registerAllowlistCommands(program);
 }

@@ -34,6 +34,9 @@ async function withPublisher<T>(
       requestingNode: config.node,
       requestTimeoutMs: config.requestTimeoutMs,
       maxUserDataBytes: config.maxUserDataBytes,
+      ...(config.sealingPublicKey
+        ? { sealingPublicKey: config.sealingPublicKey }
+        : {}),
       logger,
     });
     return await run(publisher, config);
