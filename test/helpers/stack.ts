@@ -5,9 +5,17 @@ import {
   type Agent,
   type AgentOptions,
 } from "../../src/agent/index.js";
-import { createPublisher, type Publisher } from "../../src/publisher/index.js";
+import {
+  createPublisher,
+  type Publisher,
+  type PublisherOptions,
+} from "../../src/publisher/index.js";
 import { resourceNames, type ResourceNames } from "../../src/protocol/index.js";
-import { startNatsServer, type NatsServer } from "./nats.js";
+import {
+  startNatsServer,
+  type NatsServer,
+  type StartNatsServerOptions,
+} from "./nats.js";
 import { startSandbox, type TestSandbox } from "./sandbox.js";
 
 /** A whole byom-nats on one machine: NATS, sandbox VMs, an agent, a publisher. */
@@ -33,6 +41,10 @@ export interface StartStackOptions {
   prefix: string;
   /** Agent settings over the test defaults. */
   agent?: Partial<Omit<AgentOptions, "nc" | "names" | "pool">>;
+  /** Publisher settings over the test defaults (a logger, a sealing key). */
+  publisher?: Partial<Omit<PublisherOptions, "nc" | "names">>;
+  /** nats-server options, e.g. `args: ["-c", file]`. */
+  nats?: StartNatsServerOptions;
 }
 
 /**
@@ -55,7 +67,7 @@ export async function startStack(
   };
 
   try {
-    const server = await startNatsServer();
+    const server = await startNatsServer(options.nats);
     cleanups.push(() => server.stop());
     const vms = await startSandbox({
       vms: options.vms,
@@ -97,6 +109,7 @@ export async function startStack(
       names,
       requestingNode: "node-a",
       requestTimeoutMs: 20_000,
+      ...options.publisher,
     });
     cleanups.push(() => publisher.close());
 

@@ -1,0 +1,127 @@
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { readdir, readFile } from "node:fs/promises";
+import { join } from "node:path";
+
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+
+import type { LeaseStore } from "../../src/lease/index.js";
+import type { Result } from "../../src/protocol/index.js";
+import type { Sandbox } from "../../src/sandbox/index.js";
+import { waitFor } from "./wait.js";
+
+/** sha256 hex of some bytes or text. */
+export function sha256(bytes: Uint8Array | string): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/**
+ * Counts every result that reaches any inbox of a connection, by request
+ * id, so a test can check that each request was answered exactly once.
+ */
+export interface ResultWatch {
+  /** Results seen so far, by request id. */
+  readonly answers: ReadonlyMap<string, Result[]>;
+  close(): void;
+}
+
+/** Watches `_INBOX.>` on `nc` for results (JetStream acks are skipped). */
+export function watchResults(nc: NatsConnection): ResultWatch {
+  const answers = new Map<string, Result[]>();
+  const subscription: Subscription = nc.subscribe("_INBOX.>");
+  void (async () => {
+    for await (const message of subscription) {
+      let value: unknown;
+      try {
+        value = message.json();
+      } catch {
+        continue;
+      }
+      const result = value as Partial<Result>;
+      if (
+        typeof result?.requestId === "string" &&
+        typeof result.ok === "boolean" &&
+        result.v === 1
+      ) {
+        const list = answers.get(result.requestId) ?? [];
+        list.push(result as Result);
+        answers.set(result.requestId, list);
+      }
+    }
+  })();
+  return { answers, close: () => subscription.unsubscribe() };
+}
+
+export interface InvariantOptions {
+  leases: LeaseStore;
+  sandbox: Sandbox;
+  /** Results seen, and the request ids that must each have one answer. */
+  watch?: ResultWatch;
+  requestIds?: readonly string[];
+  /** Live leases expected now, `ip -> allocation id`. */
+  live: Readonly<Record<string, string>>;
+  /** sha256 of every user-data that was delivered whole. */
+  delivered: ReadonlySet<string>;
+}
+
+/**
+ * The invariants every test ends with: every request answered exactly
+ * once; no IP with two owners and no allocation on two IPs; no lease lost
+ * or leaked (the live leases are exactly `live`, every pool IP has a
+ * lease); no partial user-data on any VM (no temp files, and a held
+ * user-data is one that was delivered whole).
+ */
+export async function assertInvariants(
+  options: InvariantOptions,
+): Promise<void> {
+  const ids = options.requestIds ?? [];
+  // The watch reads on its own iterator; let it catch up with the test's.
+  await waitFor(
+    () => ids.every((id) => (options.watch?.answers.get(id)?.length ?? 0) > 0),
+    { timeoutMs: 5000, what: "a result for every request" },
+  ).catch(() => undefined);
+  for (const requestId of ids) {
+    const answers = options.watch?.answers.get(requestId) ?? [];
+    assert.equal(answers.length, 1, `request ${requestId} answered once`);
+  }
+
+  const leases = await options.leases.list();
+  const byAllocation = new Map<string, string[]>();
+  const live: Record<string, string> = {};
+  for (const lease of leases) {
+    const { ip, state, allocationId } = lease.record;
+    if (state === "free" || allocationId === undefined) {
+      continue;
+    }
+    live[ip] = allocationId;
+    byAllocation.set(allocationId, [
+      ...(byAllocation.get(allocationId) ?? []),
+      ip,
+    ]);
+  }
+  for (const [allocationId, ips] of byAllocation) {
+    assert.equal(ips.length, 1, `${allocationId} holds ${ips.join(", ")}`);
+  }
+  assert.deepEqual(live, { ...options.live }, "live leases");
+  const pool = options.sandbox.status().map((vm) => vm.ip);
+  assert.deepEqual(
+    leases.map((lease) => lease.record.ip).sort(),
+    [...pool].sort(),
+    "one lease per pool IP",
+  );
+
+  for (const vm of options.sandbox.status()) {
+    const names: string[] = await readdir(vm.cidataDir).catch(() => []);
+    const stray = names.filter(
+      (name) => name !== "user-data" && name !== "reboot",
+    );
+    assert.deepEqual(stray, [], `no temp files on ${vm.ip}`);
+    if (names.includes("user-data")) {
+      const held = await readFile(join(vm.cidataDir, "user-data"));
+      assert.ok(
+        options.delivered.has(sha256(held)),
+        `user-data on ${vm.ip} is one delivered whole`,
+      );
+    }
+  }
+}
