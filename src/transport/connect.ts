@@ -112,12 +112,27 @@ export async function connectNats(
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     throw new UnavailableError(
-      `cannot connect to NATS at ${redactUrls(settings.servers as string[]).join(",")}: ${reason}`,
+      `cannot connect to NATS at ${redactUrls(settings.servers as string[]).join(",")}: ${reason}${connectHint(options, reason)}`,
       { cause: error },
     );
   }
   watchStatus(connection, options.logger);
   return connection;
+}
+
+/** What to check, for failures whose own text does not say. */
+function connectHint(options: NatsConnectOptions, reason: string): string {
+  const usesTls =
+    options.tls?.caFile !== undefined ||
+    serverList(options.servers).some((url) => url.startsWith("tls://"));
+  if (
+    usesTls &&
+    !options.tls?.certFile &&
+    /timeout|closed|reset/i.test(reason)
+  ) {
+    return " (a server that verifies clients drops a TLS connection without a client certificate: set NATS_TLS_CERT and NATS_TLS_KEY)";
+  }
+  return "";
 }
 
 function watchStatus(connection: NatsConnection, logger?: Logger): void {
