@@ -227,7 +227,7 @@ export function validateRequest(message: Record<string, unknown>): Request {
       ? validators().create
       : validators().delete;
   if (!validate(message)) {
-    const first = validate.errors?.[0];
+    const first = firstError(validate, message);
     throw new InvalidRequestError(
       first === undefined ? "request is invalid" : describe(first, message),
     );
@@ -241,6 +241,30 @@ export function validateRequest(message: Record<string, unknown>): Request {
     );
   }
   return message as unknown as Request;
+}
+
+/**
+ * The error to report. Ajv checks `oneOf` (userData or userDataSealed)
+ * before `required`; a missing podName is the clearer message, so the
+ * user-data choice is reported only when everything else is right.
+ */
+function firstError(
+  validate: ValidateFunction,
+  message: Record<string, unknown>,
+): ErrorObject | undefined {
+  const first = validate.errors?.[0];
+  if (first === undefined || !first.schemaPath.startsWith("#/oneOf")) {
+    return first;
+  }
+  const rest = Object.fromEntries(
+    Object.entries(message).filter(
+      ([key]) => key !== "userData" && key !== "userDataSealed",
+    ),
+  );
+  if (!validate({ ...rest, userData: "#cloud-config" })) {
+    return validate.errors?.[0] ?? first;
+  }
+  return first;
 }
 
 /** Decodes a result; throws InvalidRequestError when it breaks the schema. */
