@@ -1,6 +1,6 @@
 /**
  * The agent as it runs in production: `byom agent` compiled by tsc (as
- * the image builds it, into bench/.build), in a process of its own,
+ * the image builds it, into node_modules/.cache/byom-bench), in a process of its own,
  * configured through the environment.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
@@ -14,7 +14,8 @@ import { progress } from "./suite.js";
 
 const run = promisify(execFile);
 const root = new URL("../../", import.meta.url).pathname;
-const buildDir = new URL("../.build/", import.meta.url).pathname;
+/** Under node_modules/.cache: ignored by git, ESLint and Prettier. */
+const buildDir = `${root}node_modules/.cache/byom-bench/build/`;
 const mainScript = `${buildDir}cli/main.js`;
 
 let built: Promise<void> | undefined;
@@ -22,7 +23,7 @@ let built: Promise<void> | undefined;
 /** Compiles src/ once per bench run (emits even when types fail elsewhere). */
 export function buildAgent(): Promise<void> {
   built ??= (async () => {
-    progress("compiling src/ with tsc into bench/.build");
+    progress(`compiling src/ with tsc into ${buildDir}`);
     await run(
       "npx",
       [
@@ -115,7 +116,13 @@ export async function startAgentProcess(
   const waiters = new Set<() => void>();
   createInterface({ input: child.stderr! }).on("line", (text) => {
     try {
-      lines.push(JSON.parse(text) as LogLine);
+      const line = JSON.parse(text) as LogLine & { time: unknown };
+      // The CLI may log ISO times; keep epoch ms.
+      line.time =
+        typeof line.time === "number"
+          ? line.time
+          : Date.parse(String(line.time));
+      lines.push(line);
     } catch {
       lines.push({ time: Date.now(), msg: text });
     }

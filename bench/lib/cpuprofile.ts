@@ -119,23 +119,26 @@ function shortUrl(url: string): string {
   if (modules >= 0) {
     return url.slice(modules + "node_modules/".length);
   }
-  if (url.startsWith(repoRoot) && !url.includes("/.build/")) {
+  if (url.startsWith(repoRoot) && !url.includes("/byom-bench/build/")) {
     return url.slice(repoRoot.length);
   }
-  const build = url.indexOf("/.build/");
+  const build = url.indexOf("/byom-bench/build/");
   if (build >= 0) {
-    return `src/${url.slice(build + "/.build/".length)}`;
+    return `src/${url.slice(build + "/byom-bench/build/".length)}`;
   }
   return url.replace(/^file:\/\//, "");
 }
 
 function packageOf(frame: ProfileNode["callFrame"]): string {
+  if (
+    frame.url.includes("/byom-bench/build/") ||
+    frame.url.startsWith(`${repoRoot}src/`)
+  ) {
+    return "byom (src/)";
+  }
   const match = /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(frame.url);
   if (match) {
     return match[1]!;
-  }
-  if (frame.url.includes("/.build/") || frame.url.includes("/src/")) {
-    return "byom (src/)";
   }
   if (frame.url.includes("/bench/")) {
     return "bench harness";

@@ -5,7 +5,7 @@
  * server offers it), with the same key and the same VM.
  */
 import { execFile, spawn } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -42,25 +42,27 @@ function sftpArgs(
 
 /** Batch files for uploads; made before any timing starts. */
 export class SftpBatches {
-  #dir: string | undefined;
+  #dir: Promise<string> | undefined;
   #count = 0;
 
-  async #folder(): Promise<string> {
-    if (this.#dir === undefined) {
-      const dir = await mkdtemp(path.join(tmpdir(), "byom-bench-sftp-"));
-      onCleanup(`sftp batch dir ${dir}`, () =>
-        rm(dir, { recursive: true, force: true }),
-      );
-      this.#dir = dir;
-    }
+  #folder(): Promise<string> {
+    this.#dir ??= mkdtemp(path.join(tmpdir(), "byom-bench-sftp-")).then(
+      (dir) => {
+        onCleanup(`sftp batch dir ${dir}`, () =>
+          rm(dir, { recursive: true, force: true }),
+        );
+        return dir;
+      },
+    );
     return this.#dir;
   }
 
   /** A batch uploading `file` as cidata/.tmp-<n> then renaming it. */
   async upload(file: string): Promise<string> {
     this.#count += 1;
-    const temp = `cidata/.tmp-bench-${this.#count}`;
-    const batch = path.join(await this.#folder(), `batch-${this.#count}`);
+    const number = this.#count;
+    const temp = `cidata/.tmp-bench-${number}`;
+    const batch = path.join(await this.#folder(), `batch-${number}`);
     await writeFile(
       batch,
       `put -f ${file} ${temp}\nrename ${temp} cidata/user-data\n`,
@@ -89,7 +91,15 @@ export function runSftp(
       if (code === 0) {
         resolve(elapsed);
       } else {
-        reject(new Error(`sftp to ${ip} exited ${code}: ${stderr.trim()}`));
+        void readFile(batch, "utf8")
+          .catch(() => "(unreadable)")
+          .then((content) =>
+            reject(
+              new Error(
+                `sftp to ${ip} exited ${code}: ${stderr.trim()} (batch ${batch}: ${JSON.stringify(content)})`,
+              ),
+            ),
+          );
       }
     });
   });

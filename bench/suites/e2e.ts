@@ -241,13 +241,9 @@ async function phasesOf(
   try {
     const served = await agent.waitForLine(of("request served"), 2000, from);
     const leased = await agent.waitForLine(of("lease acquired"), 10, from);
-    const delivered = await agent.waitForLine(
-      of("user-data delivered"),
-      10,
-      from,
-    );
+    // The delivery's own line has no request id: match the leased IP.
     const delivery = await agent.waitForLine(
-      (line) => line.msg === "delivered user-data" && line.ip === delivered.ip,
+      (line) => line.msg === "delivered user-data" && line.ip === leased.ip,
       10,
       from,
     );
@@ -256,7 +252,7 @@ async function phasesOf(
       queueAndLease: leased.time - startedAt,
       readiness: delivery.time - deliveryMs - leased.time,
       delivery: deliveryMs,
-      readyAndResult: served.time - delivered.time,
+      readyAndResult: served.time - delivery.time,
       reply: endedAt - served.time,
     };
   } catch {
