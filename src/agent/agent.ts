@@ -2,11 +2,12 @@ import { setTimeout as delay } from "node:timers/promises";
 
 import { jetstream, type Consumer, type JsMsg } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 
 import { createDelivery, type Delivery } from "../delivery/index.js";
-import type { ByomError } from "../errors/index.js";
 import {
+  ByomError,
+  ErrorCode,
   ExpiredError,
   InvalidRequestError,
   toByomError,
@@ -36,6 +37,7 @@ import { handleDelete, type Outcome } from "./delete.js";
 import type { AgentContext } from "./context.js";
 import { SafeEmitter, type AgentEvents } from "./events.js";
 import { startQuarantineProber, type Prober } from "./prober.js";
+import { watchAbandonedRequests } from "./abandoned.js";
 
 /** Plain options of an agent; the CLI builds them from the config. */
 export interface AgentOptions {
@@ -65,6 +67,11 @@ export interface AgentOptions {
   quarantineProbeIntervalMs?: number;
   /** Readiness probe budget per VM at claim time; default 3000 ms. */
   readinessTimeoutMs?: number;
+  /**
+   * close() lets in-flight requests finish this long, then aborts them and
+   * hands them back to the stream; default 15 000 ms.
+   */
+  shutdownTimeoutMs?: number;
   /** Opens sealed user-data (`userDataSealed`); without it such a create fails INVALID_REQUEST. */
   unseal?: (sealed: SealedUserData) => string;
   /** Refuse user-data in clear (`userData`) with INVALID_REQUEST; default false. */
@@ -121,6 +128,9 @@ class AgentImpl implements Agent {
   #results: KV | undefined;
   #consumer: Consumer | undefined;
   #prober: Prober | undefined;
+  #abandoned: Subscription | undefined;
+  /** Set when close() gave up waiting and aborted in-flight work. */
+  #aborted = false;
   #running = false;
   #closing: Promise<void> | undefined;
   #inFlight = 0;
@@ -160,7 +170,7 @@ class AgentImpl implements Agent {
 
   async start(): Promise<void> {
     const { nc, names } = this.#options;
-    await ensureQueue(nc, names, this.#settings, this.#logger);
+    const jsm = await ensureQueue(nc, names, this.#settings, this.#logger);
     this.#results = await openResultBucket(nc, names, this.#settings);
 
     const report = await this.leases.start();
@@ -183,6 +193,13 @@ class AgentImpl implements Agent {
       names.stream,
       names.consumer,
     );
+    this.#abandoned = watchAbandonedRequests({
+      nc,
+      jsm,
+      names,
+      context: this.#context(),
+      publish: (result, replyTo) => this.#publish(result, replyTo),
+    });
     this.#running = true;
     const concurrency = this.#options.concurrency ?? 4;
     for (let index = 0; index < concurrency; index += 1) {
@@ -273,6 +290,17 @@ class AgentImpl implements Agent {
     try {
       outcome = await this.#process(message, requestId, log);
     } catch (error) {
+      if (this.#aborted || this.#shouldHandBack(error, message)) {
+        // Shutting down, or NATS trouble with deliveries left: hand the
+        // request back rather than fail it; its next delivery resumes it.
+        clearInterval(heartbeat);
+        log.warn(
+          { err: errorFields(error) },
+          "handing the request back for redelivery",
+        );
+        message.nak(this.#aborted ? 0 : 1000);
+        return;
+      }
       outcome = {
         result: failure(requestId, toByomError(error), this.#options.agentId),
       };
@@ -379,8 +407,9 @@ class AgentImpl implements Agent {
   async #close(): Promise<void> {
     this.#running = false;
     const steps: Array<[string, () => Promise<unknown>]> = [
+      ["advisories", async () => this.#abandoned?.unsubscribe()],
       ["prober", async () => this.#prober?.close()],
-      ["workers", () => Promise.allSettled(this.#workers)],
+      ["workers", () => this.#drainWorkers()],
       // Releases still waiting are handed back: the unacked messages are
       // redelivered to another agent, which resumes the wait.
       ["delivery", () => this.#delivery.close()],
@@ -399,6 +428,36 @@ class AgentImpl implements Agent {
       }
     }
     this.#logger.info({ served: this.#served }, "agent closed");
+  }
+
+  /** UNAVAILABLE (NATS trouble) is retried by redelivery, but for the last one. */
+  #shouldHandBack(error: unknown, message: JsMsg): boolean {
+    return (
+      error instanceof ByomError &&
+      error.code === ErrorCode.Unavailable &&
+      message.info.deliveryCount < this.#settings.maxDeliver
+    );
+  }
+
+  /** Waits for in-flight requests, up to the shutdown bound; then aborts them. */
+  async #drainWorkers(): Promise<void> {
+    const boundMs = this.#options.shutdownTimeoutMs ?? 15_000;
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<"expired">((resolve) => {
+      timer = setTimeout(() => resolve("expired"), boundMs);
+    });
+    const finished = Promise.allSettled(this.#workers);
+    const outcome = await Promise.race([finished, expired]);
+    clearTimeout(timer);
+    if (outcome === "expired") {
+      this.#logger.warn(
+        { inFlight: this.#inFlight, boundMs },
+        "in-flight requests did not finish in time; handing them back",
+      );
+      this.#aborted = true;
+      await this.#delivery.close();
+      await finished;
+    }
   }
 
   [Symbol.asyncDispose](): Promise<void> {

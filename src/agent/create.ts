@@ -6,7 +6,7 @@ import {
   VmUnreachableError,
   toByomError,
 } from "../errors/index.js";
-import { VmNotCleanError } from "../delivery/index.js";
+import { VmNotCleanError, type DeliveryResult } from "../delivery/index.js";
 import type { Lease } from "../lease/index.js";
 import { errorFields } from "../logging/index.js";
 import {
@@ -76,23 +76,14 @@ export async function handleCreate(
       continue;
     }
 
+    let delivered: DeliveryResult;
     try {
       // A fresh claim must find cidata/ empty; a lease this allocation
       // already held may hold our own earlier write of the same bytes.
-      const delivered = await context.delivery.deliver(ip, data, {
+      delivered = await context.delivery.deliver(ip, data, {
         deadline,
         requireClean: !existing,
       });
-      context.emitter.emit("delivery:done", { ip, ...delivered });
-      const ready = await context.leases.markReady(
-        ip,
-        allocationId,
-        delivered.hostKey,
-      );
-      return {
-        result: success(context, request, allocationId, ready),
-        timingsMs,
-      };
     } catch (error) {
       const failure = toByomError(error);
       context.emitter.emit("delivery:failed", { ip, error: failure });
@@ -105,6 +96,19 @@ export async function handleCreate(
       await giveBack(context, ip, allocationId, failure);
       throw failure;
     }
+    context.emitter.emit("delivery:done", { ip, ...delivered });
+
+    // A failure here (NATS trouble) leaves the claim in place: the request
+    // is handed back and its next delivery finds and finishes this lease.
+    const ready = await context.leases.markReady(
+      ip,
+      allocationId,
+      delivered.hostKey,
+    );
+    return {
+      result: success(context, request, allocationId, ready),
+      timingsMs,
+    };
   }
 }
 
@@ -221,6 +225,7 @@ async function giveBack(
     }
     await context.leases.free(ip, {
       from: [LeaseState.Claimed],
+      allocationId,
       reason: `delivery failed: ${failure.code}`,
     });
   } catch (error) {

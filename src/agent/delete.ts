@@ -94,13 +94,14 @@ export async function handleDelete(
 
   return {
     result: released(context, request, ip, LeaseState.Releasing),
-    after: () => finishRelease(context, ip, pinned),
+    after: () => finishRelease(context, ip, lease.record.allocationId, pinned),
   };
 }
 
 async function finishRelease(
   context: AgentContext,
   ip: string,
+  owner: string | undefined,
   previousFingerprint: string | undefined,
 ): Promise<void> {
   const log = context.logger.child({ ip });
@@ -109,7 +110,10 @@ async function finishRelease(
       deadline: new Date(Date.now() + context.releaseTimeoutMs),
       ...(previousFingerprint ? { previousFingerprint } : {}),
     });
-    await context.leases.free(ip, { from: [LeaseState.Releasing] });
+    await context.leases.free(ip, {
+      from: [LeaseState.Releasing],
+      ...(owner ? { allocationId: owner } : {}),
+    });
     context.emitter.emit("lease:released", { ip });
     log.info(
       { fingerprint: reset.hostKey.fingerprint },
@@ -117,7 +121,9 @@ async function finishRelease(
     );
   } catch (error) {
     const reason = `did not reset within ${context.releaseTimeoutMs} ms: ${toByomError(error).message}`;
-    await context.leases.quarantine(ip, reason);
+    await context.leases.quarantine(ip, reason, {
+      ...(owner ? { expectAllocationId: owner } : {}),
+    });
     context.emitter.emit("lease:quarantined", { ip, reason });
     log.warn({ reason }, "VM quarantined after release");
   }

@@ -93,6 +93,11 @@ export interface FreeOptions {
   from?: readonly LeaseState[];
   /** Recorded in the free record. */
   reason?: string;
+  /**
+   * Only free the lease while this allocation holds it (NotOwnerError
+   * otherwise), so a late caller never frees someone else's lease.
+   */
+  allocationId?: string;
 }
 
 /**
