@@ -241,6 +241,7 @@ class AgentImpl implements Agent {
       emitter: this.events,
       logger: this.#logger,
       releaseTimeoutMs: this.#options.releaseTimeoutMs ?? 300_000,
+      closing: () => !this.#running,
       readinessTimeoutMs: this.#options.readinessTimeoutMs ?? 3000,
       connectTimeoutMs: this.#options.ssh.connectTimeoutMs,
       ...(this.#options.unseal ? { unseal: this.#options.unseal } : {}),

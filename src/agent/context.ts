@@ -12,6 +12,8 @@ export interface AgentContext {
   readonly emitter: SafeEmitter;
   readonly logger: Logger;
   readonly releaseTimeoutMs: number;
+  /** True once the agent is shutting down: unfinished work is handed back. */
+  readonly closing: () => boolean;
   readonly readinessTimeoutMs: number;
   readonly connectTimeoutMs: number;
   /** Opens `userDataSealed`; absent when the agent has no sealing seed. */

@@ -6,6 +6,7 @@ import {
 import { errorFields } from "../logging/index.js";
 import {
   LeaseState,
+  RemotePath,
   canonicalIp,
   showValue,
   type DeleteRequest,
@@ -13,6 +14,8 @@ import {
   type SuccessResult,
 } from "../protocol/index.js";
 import type { AgentContext } from "./context.js";
+
+const rebootName = RemotePath.reboot.slice(RemotePath.cidataDir.length + 1);
 
 /** A result to publish now, and work that goes on after it. */
 export interface Outcome {
@@ -62,7 +65,7 @@ export async function handleDelete(
   }
   const pinned = lease.record.hostKey?.fingerprint;
 
-  if (!wasReleasing) {
+  if (!wasReleasing || (await triggerMissing(context, ip, pinned))) {
     const triggerDeadline = new Date(
       Math.min(
         Date.parse(request.deadline),
@@ -98,6 +101,32 @@ export async function handleDelete(
   };
 }
 
+/**
+ * For a delete served again (its agent died): true when the VM still runs
+ * with the pinned key and no reboot trigger, i.e. the earlier attempt died
+ * before writing it. A changed key or a VM that does not answer means the
+ * reboot is under way.
+ */
+async function triggerMissing(
+  context: AgentContext,
+  ip: string,
+  pinned: string | undefined,
+): Promise<boolean> {
+  try {
+    const seen = await context.delivery.inspect(ip, {
+      timeoutMs: context.connectTimeoutMs,
+      ...(pinned ? { pinnedFingerprint: pinned } : {}),
+    });
+    return !seen.cidataEntries.includes(rebootName);
+  } catch (error) {
+    context.logger.debug(
+      { ip, err: errorFields(error) },
+      "VM not reachable with its pinned key; taking the reboot as under way",
+    );
+    return false;
+  }
+}
+
 async function finishRelease(
   context: AgentContext,
   ip: string,
@@ -120,6 +149,9 @@ async function finishRelease(
       "VM reset; back in the pool",
     );
   } catch (error) {
+    if (context.closing()) {
+      throw error; // shutting down: the request is handed back, not judged
+    }
     const reason = `did not reset within ${context.releaseTimeoutMs} ms: ${toByomError(error).message}`;
     await context.leases.quarantine(ip, reason, {
       ...(owner ? { expectAllocationId: owner } : {}),

@@ -198,6 +198,34 @@ describe("provisioning end to end on sandbox VMs", () => {
     assert.deepEqual(vm.appliedFiles, []);
   });
 
+  it("writes the reboot trigger when a delete's earlier agent died before writing it", async () => {
+    const userData = await readFile(new URL("pod-basic.yaml", fixtures));
+    const created = await publisher.createInstance({
+      podName: "web-6",
+      sandboxId: "s6",
+      userData,
+    });
+    const ip = created.instance.id;
+    const bootsBefore = sandbox.vm(ip).boots;
+    // What an agent killed between marking the lease and writing the trigger leaves.
+    await agent.leases.beginRelease(ip, created.allocationId);
+
+    const deleted = await publisher.deleteInstance({
+      instanceId: ip,
+      allocationId: created.allocationId,
+    });
+
+    assert.equal(deleted.release.state, "releasing");
+    await waitFor(
+      async () => (await agent.leases.get(ip))?.record.state === "free",
+      {
+        timeoutMs: 20_000,
+        what: `${ip} to be rebooted and free`,
+      },
+    );
+    assert.equal(sandbox.vm(ip).boots, bootsBefore + 1);
+  });
+
   it("succeeds as a no-op when deleting a free or unknown IP", async () => {
     const free = (await agent.leases.list()).find(
       (lease) => lease.record.state === "free",
