@@ -1,3 +1,5 @@
+import { createHash } from "node:crypto";
+
 import type { ByomError } from "../errors/index.js";
 import {
   ExpiredError,
@@ -32,6 +34,7 @@ export async function handleCreate(
   timingsMs: { lease: number; probe: number };
 }> {
   const data = Buffer.from(userDataOf(context, request), "utf8");
+  const sha256 = createHash("sha256").update(data).digest("hex");
   const allocationId = allocationIdOf(request.podName, request.sandboxId);
   const deadline = new Date(request.deadline);
   const log = context.logger.child({ allocationId });
@@ -61,6 +64,12 @@ export async function handleCreate(
     log.info({ ip, existing, state: lease.record.state }, "lease acquired");
 
     if (lease.record.state === LeaseState.Ready && lease.record.hostKey) {
+      const held = lease.record.userDataSha256;
+      if (held !== undefined && held !== sha256) {
+        throw new InvalidRequestError(
+          `allocation ${allocationId} already holds VM ${ip} with other user-data (sha256 ${held.slice(0, 12)}…, this request ${sha256.slice(0, 12)}…); delete it before creating it again`,
+        );
+      }
       return {
         result: success(context, request, allocationId, lease),
         timingsMs,
@@ -104,6 +113,7 @@ export async function handleCreate(
       ip,
       allocationId,
       delivered.hostKey,
+      { userDataSha256: delivered.sha256 },
     );
     return {
       result: success(context, request, allocationId, ready),

@@ -158,6 +158,7 @@ export function parseLeaseRecord(
     "requestingNode",
     "agent",
     "reason",
+    "userDataSha256",
   ]) {
     if (value[field] !== undefined && typeof value[field] !== "string") {
       return undefined;

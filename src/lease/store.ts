@@ -210,6 +210,7 @@ export class KvLeaseStore implements LeaseStore {
     ip: string,
     allocationId: string,
     hostKey: { type: string; fingerprint: string },
+    delivered?: { userDataSha256: string },
   ): Promise<Lease> {
     const kv = this.#requireKv();
     const canonical = requireIp(ip);
@@ -234,6 +235,7 @@ export class KvLeaseStore implements LeaseStore {
         write: withState(record, LeaseState.Ready, now(), {
           hostKey: hostKeySeen,
           agent: this.#options.agent,
+          ...(delivered ? { userDataSha256: delivered.userDataSha256 } : {}),
         }),
       };
     });

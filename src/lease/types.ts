@@ -19,6 +19,8 @@ export interface LeaseRecord {
   agent?: string;
   /** Host key seen at delivery; kept through `releasing` for pinning. */
   hostKey?: { type: string; fingerprint: string };
+  /** sha256 (hex) of the user-data delivered; set with `ready`. */
+  userDataSha256?: string;
   /** Why the lease was quarantined or freed. */
   reason?: string;
   /** ISO time the current state was entered. */
@@ -133,6 +135,7 @@ export interface LeaseStore {
     ip: string,
     allocationId: string,
     hostKey: { type: string; fingerprint: string },
+    delivered?: { userDataSha256: string },
   ): Promise<Lease>;
   /**
    * Any state → `quarantined` with reason and time; a quarantined IP is

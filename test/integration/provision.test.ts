@@ -137,6 +137,23 @@ describe("provisioning end to end on sandbox VMs", () => {
     assert.deepEqual(await liveLeases(), before);
   });
 
+  it("refuses the same allocation id with other user-data instead of pretending to deliver it", async () => {
+    const other = await readFile(new URL("pod-initdata.yaml", fixtures));
+    const before = await liveLeases();
+    await assert.rejects(
+      publisher.createInstance({
+        podName: "web-2",
+        sandboxId: "s2",
+        userData: other,
+      }),
+      (error: unknown) =>
+        error instanceof ByomError &&
+        error.code === "INVALID_REQUEST" &&
+        /already holds VM .* with other user-data/.test(error.message),
+    );
+    assert.deepEqual(await liveLeases(), before);
+  });
+
   it("answers POOL_EXHAUSTED when every VM is leased and changes nothing", async () => {
     const userData = await readFile(new URL("pod-basic.yaml", fixtures));
     await publisher.createInstance({
