@@ -49,7 +49,7 @@ export function watchAbandonedRequests(
   options: AbandonedOptions,
 ): Subscription {
   const { nc, names, context } = options;
-  const log = context.logger.child({ component: "abandoned" });
+  const log = context.logger.child({ task: "abandoned" });
   return nc.subscribe(maxDeliveriesSubject(names), {
     queue: queueGroup,
     callback: (error, message) => {

@@ -138,16 +138,17 @@ class AgentImpl implements Agent {
 
   constructor(options: AgentOptions) {
     this.#options = options;
-    this.#logger = (options.logger ?? silentLogger()).child({
-      component: "agent",
+    // Each part binds its own `component` once on this base.
+    const base = (options.logger ?? silentLogger()).child({
       agent: options.agentId,
     });
+    this.#logger = base.child({ component: "agent" });
     this.events = new SafeEmitter(this.#logger);
     this.#settings = { ...defaultQueueSettings, ...options.queue };
     this.#policy =
       options.policy ??
       createTofuPolicy({
-        logger: this.#logger.child({ component: "hostkeys" }),
+        logger: base.child({ component: "hostkeys" }),
       });
     this.#delivery = createDelivery({
       username: options.ssh.username,
@@ -156,7 +157,7 @@ class AgentImpl implements Agent {
       port: options.ssh.port,
       connectTimeoutMs: options.ssh.connectTimeoutMs,
       policy: this.#policy,
-      logger: this.#logger.child({ component: "delivery" }),
+      logger: base.child({ component: "delivery" }),
     });
     this.leases = createLeaseStore({
       nc: options.nc,
@@ -164,7 +165,7 @@ class AgentImpl implements Agent {
       pool: options.pool,
       agent: options.agentId,
       replicas: this.#settings.replicas,
-      logger: this.#logger.child({ component: "lease" }),
+      logger: base,
     });
   }
 

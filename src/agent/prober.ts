@@ -21,7 +21,7 @@ export function startQuarantineProber(options: {
   intervalMs: number;
 }): Prober {
   const { context, intervalMs } = options;
-  const log = context.logger.child({ component: "prober" });
+  const log = context.logger.child({ task: "prober" });
   let running: Promise<void> | undefined;
   let stopped = false;
 

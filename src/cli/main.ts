@@ -35,4 +35,14 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A reader that went away (`byom pool list | head`) is not an error.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (error: NodeJS.ErrnoException) => {
+    if (error.code === "EPIPE") {
+      process.exit(process.exitCode ?? 0);
+    }
+    throw error;
+  });
+}
+
 process.exitCode = await main(process.argv);

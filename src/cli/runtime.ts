@@ -1,8 +1,9 @@
 import { pino, type Logger } from "pino";
 
+import type { ByomConfig } from "../config/index.js";
+import { loadPrivateKey, type LoadedPrivateKey } from "../delivery/index.js";
+import { ConfigError, toByomError, type ByomError } from "../errors/index.js";
 import type { NatsConnectOptions } from "../transport/index.js";
-import type { ByomError } from "../errors/index.js";
-import { toByomError } from "../errors/index.js";
 import { exitCodeOf, CliExit } from "./exit.js";
 
 /** The settings the CLI needs to reach NATS and to log. */
@@ -110,4 +111,24 @@ export function failWith(error: unknown, json: boolean): never {
     );
   }
   throw new CliExit(exitCodeOf(failure.code));
+}
+
+/**
+ * Loads the agent's SSH private key from the config; a failure is a
+ * ConfigError naming SSH_PRIV_KEY_PATH.
+ */
+export async function loadAgentKey(
+  config: Pick<ByomConfig, "sshPrivKeyPath" | "sshPrivKeyPassphrase">,
+): Promise<LoadedPrivateKey> {
+  try {
+    return await loadPrivateKey(
+      config.sshPrivKeyPath,
+      config.sshPrivKeyPassphrase || undefined,
+    );
+  } catch (error) {
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new ConfigError(`SSH_PRIV_KEY_PATH (sshPrivKeyPath): ${reason}`, {
+      cause: error,
+    });
+  }
 }

@@ -26,10 +26,15 @@ export function createTofuPolicy(
   });
 
   const close = async (): Promise<void> => {};
+  // The key last seen per IP: a new one is logged at info (first use, or a
+  // VM that rebooted), a repeat only at debug.
+  const lastSeen = new Map<string, string>();
   return {
     mode: "tofu",
     check(ip: string, key: HostKey): HostKeyDecision {
-      logger.info(
+      const known = lastSeen.get(ip) === key.fingerprint;
+      lastSeen.set(ip, key.fingerprint);
+      logger[known ? "debug" : "info"](
         { ip, keyType: key.type, fingerprint: key.fingerprint },
         "accepted host key on first use",
       );

@@ -38,6 +38,7 @@ export function parseUserData(
   if (
     options.requireHeader === true &&
     !text.startsWith(`${header}\n`) &&
+    !text.startsWith(`${header}\r\n`) &&
     text !== header
   ) {
     throw new InvalidRequestError(

@@ -23,6 +23,7 @@ import {
   PROTOCOL_VERSION,
   RequestKind,
   canonicalIp,
+  parseUserData,
   decodeResult,
   requestSubject,
   showValue,
@@ -131,6 +132,8 @@ class PublisherImpl implements Publisher {
       input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
     const userDataBytes = Buffer.byteLength(userData, "utf8");
     this.#checkUserDataSize(userDataBytes);
+    // The agent checks it too; checking here fails fast, with no agent needed.
+    parseUserData(userData, { requireHeader: true });
     const sealingKey = this.#options.sealingPublicKey;
     const request: CreateRequest = {
       v: PROTOCOL_VERSION,

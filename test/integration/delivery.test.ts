@@ -30,7 +30,10 @@ import { waitFor } from "../helpers/wait.js";
 
 const run = promisify(execFile);
 
-const fixture = "/work/shared/fixtures/userdata/pod-large-policy.yaml";
+const fixture = new URL(
+  "../fixtures/userdata/pod-large-policy.yaml",
+  import.meta.url,
+).pathname;
 // One address per scenario, so that no scenario sees another's files.
 const vmCount = 9;
 const firstIp = `127.30.${10 + (process.pid % 200)}.2`;

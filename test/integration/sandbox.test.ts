@@ -32,7 +32,7 @@ const block = randomInt(0, 250);
 const ip = (offset: number, host: number): string =>
   `127.20.${block + offset}.${host}`;
 
-const fixtures = "/work/shared/fixtures/userdata";
+const fixtures = new URL("../fixtures/userdata", import.meta.url).pathname;
 const basicFixture = join(fixtures, "pod-basic.yaml");
 const invalidFixture = join(fixtures, "invalid", "unknown-key.yaml");
 
@@ -194,7 +194,9 @@ describe("sandbox pod VMs", () => {
     const result = await sftpBatch(vm, running.privateKeyPath, [
       `put ${basicFixture} cidata/reboot`,
     ]);
-    assert.equal(result.code, 0, result.stderr);
+    // The VM may drop the session while sftp says goodbye (exit 255), as a
+    // real VM rebooting would; the reboot below is what counts.
+    assert.ok([0, 255].includes(result.code ?? -1), result.stderr);
 
     const rebooted = await waitFor(
       () => {

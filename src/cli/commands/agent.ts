@@ -10,7 +10,6 @@ import {
   requirePool,
   type ByomConfig,
 } from "../../config/index.js";
-import { loadPrivateKey } from "../../delivery/index.js";
 import { ConfigError } from "../../errors/index.js";
 import {
   createHostKeyPolicy,
@@ -28,7 +27,12 @@ import {
   sealingPublicKeyOf,
 } from "../../sealing/index.js";
 import { connectNats } from "../../transport/index.js";
-import { createRootLogger, natsOptionsFrom, untilSignal } from "../runtime.js";
+import {
+  createRootLogger,
+  loadAgentKey,
+  natsOptionsFrom,
+  untilSignal,
+} from "../runtime.js";
 
 /** `byom agent`: serve create/delete requests until SIGTERM. */
 export function registerAgentCommand(program: Command): void {
@@ -57,10 +61,7 @@ export async function runAgent(
   for (const warning of config.poolWarnings) {
     logger.warn({ warning }, "VM_POOL_IPS");
   }
-  const key = await loadPrivateKey(
-    config.sshPrivKeyPath,
-    config.sshPrivKeyPassphrase || undefined,
-  );
+  const key = await loadAgentKey(config);
   logger.info(
     {
       keyType: key.type,

@@ -1,5 +1,7 @@
 import type { Command } from "commander";
 
+import { loadAgentKey } from "../runtime.js";
+
 import {
   ConfigFileEnv,
   describeConfigSchema,
@@ -42,12 +44,19 @@ export function registerConfigCommands(program: Command): void {
     )
     .option("--json", "print JSON instead of a table")
     .option("--require-pool", "fail when VM_POOL_IPS is empty")
-    .action((options: CheckOptions) => {
+    .option(
+      "--agent",
+      "also check what the agent needs: a pool and a readable SSH private key",
+    )
+    .action(async (options: CheckOptions & { agent?: boolean }) => {
       const loaded = loadConfig(
         options.config === undefined ? {} : { file: options.config },
       );
-      if (options.requirePool === true) {
+      if (options.requirePool === true || options.agent === true) {
         requirePool(loaded);
+      }
+      if (options.agent === true) {
+        await loadAgentKey(loaded);
       }
 
       const file = options.config ?? configFileFromEnv();

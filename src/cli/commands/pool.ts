@@ -1,11 +1,7 @@
 import type { Command } from "commander";
 
 import { operatorReasonPrefix } from "../../agent/index.js";
-import {
-  loadConfig,
-  requirePool,
-  type ByomConfig,
-} from "../../config/index.js";
+import { loadConfig, type ByomConfig } from "../../config/index.js";
 import { InvalidRequestError } from "../../errors/index.js";
 import {
   createLeaseStore,
@@ -52,7 +48,9 @@ async function withLeases<T>(
   run: (leases: LeaseStore, config: ByomConfig) => Promise<T>,
 ): Promise<T> {
   const config = loadConfig(options.config ? { file: options.config } : {});
-  const pool = requirePool(config);
+  // Without VM_POOL_IPS the CLI works on the leases the bucket holds; the
+  // store then adds no keys (reconciling is the agents' job).
+  const pool = config.pool;
   const nc = await connectNats(
     natsOptionsFrom(config, `byom-pool-${config.node}`),
   );
@@ -72,11 +70,22 @@ async function withLeases<T>(
   }
 }
 
-function poolIp(text: string, config: ByomConfig): string {
+async function poolIp(
+  text: string,
+  config: ByomConfig,
+  leases: LeaseStore,
+): Promise<string> {
   const ip = canonicalIp(text);
-  if (ip === undefined || !config.pool.includes(ip)) {
+  const known =
+    ip !== undefined &&
+    (config.pool.length > 0
+      ? config.pool.includes(ip)
+      : (await leases.get(ip)) !== undefined);
+  if (ip === undefined || !known) {
     throw new InvalidRequestError(
-      `IP ${showValue(text)} is not in the pool (VM_POOL_IPS has ${config.pool.length} IPs; see byom config check)`,
+      config.pool.length > 0
+        ? `IP ${showValue(text)} is not in the pool (VM_POOL_IPS has ${config.pool.length} IPs; see byom config check)`
+        : `IP ${showValue(text)} is not in the pool (the lease bucket has no key for it)`,
     );
   }
   return ip;
@@ -157,8 +166,8 @@ export function registerPoolCommands(program: Command): void {
             "pool release frees a VM without a reboot; add --force to confirm",
           );
         }
-        const lease = await withLeases(options, (leases, config) =>
-          leases.forceRelease(poolIp(ip, config)),
+        const lease = await withLeases(options, async (leases, config) =>
+          leases.forceRelease(await poolIp(ip, config, leases)),
         );
         printLease(lease, options.json === true, "released");
       } catch (error) {
@@ -175,9 +184,9 @@ export function registerPoolCommands(program: Command): void {
     .requiredOption("--reason <text>", "why (kept in the lease)")
     .action(async (ip: string, options: PoolOptions & { reason: string }) => {
       try {
-        const lease = await withLeases(options, (leases, config) =>
+        const lease = await withLeases(options, async (leases, config) =>
           leases.quarantine(
-            poolIp(ip, config),
+            await poolIp(ip, config, leases),
             `${operatorReasonPrefix} ${options.reason}`,
           ),
         );
@@ -195,8 +204,8 @@ export function registerPoolCommands(program: Command): void {
     .argument("<ip>", "pool IP")
     .action(async (ip: string, options: PoolOptions) => {
       try {
-        const lease = await withLeases(options, (leases, config) =>
-          leases.unquarantine(poolIp(ip, config)),
+        const lease = await withLeases(options, async (leases, config) =>
+          leases.unquarantine(await poolIp(ip, config, leases)),
         );
         printLease(lease, options.json === true, "unquarantined");
       } catch (error) {
