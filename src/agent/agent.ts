@@ -129,6 +129,7 @@ class AgentImpl implements Agent {
   #consumer: Consumer | undefined;
   #prober: Prober | undefined;
   #abandoned: Subscription | undefined;
+  #stopReloadEvents: (() => void) | undefined;
   /** Set when close() gave up waiting and aborted in-flight work. */
   #aborted = false;
   #running = false;
@@ -150,6 +151,14 @@ class AgentImpl implements Agent {
       createTofuPolicy({
         logger: base.child({ component: "hostkeys" }),
       });
+    this.#stopReloadEvents = this.#policy.onReload?.((reload) =>
+      this.events.emit("allowlist:reloaded", {
+        ok: reload.ok,
+        keys: reload.keys,
+        added: reload.added,
+        removed: reload.removed,
+      }),
+    );
     this.#delivery = createDelivery({
       username: options.ssh.username,
       privateKey: options.ssh.privateKey,
@@ -417,6 +426,7 @@ class AgentImpl implements Agent {
       ["delivery", () => this.#delivery.close()],
       ["releases", () => Promise.allSettled([...this.#background])],
       ["leases", () => this.leases.close()],
+      ["reload events", async () => this.#stopReloadEvents?.()],
       ["policy", () => this.#policy.close()],
     ];
     for (const [name, step] of steps) {

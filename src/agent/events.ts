@@ -15,6 +15,13 @@ export interface AgentEventMap {
   "lease:quarantined": { ip: string; reason: string };
   "lease:released": { ip: string };
   "lease:unquarantined": { ip: string };
+  /** The host-key allowlist was read again (`ok: false`: kept the last good set). */
+  "allowlist:reloaded": {
+    ok: boolean;
+    keys: number;
+    added: string[];
+    removed: string[];
+  };
   /** One pass of the quarantine prober ended. */
   "prober:pass": { checked: number; freed: number };
   "delivery:done": {

@@ -59,6 +59,7 @@ export interface ByomSettings {
   maxDeliver: number;
   requestMaxAgeMs: number;
   releaseTimeoutMs: number;
+  shutdownTimeoutMs: number;
   quarantineProbeIntervalMs: number;
   allowlistReloadIntervalMs: number;
   replicas: number;
@@ -318,6 +319,12 @@ function schemaDefinition(): { [K in SettingKey]: Entry<ByomSettings[K]> } {
       300_000,
       1,
       "How long to wait for a VM to reset after the reboot trigger, in milliseconds, before quarantining it",
+    ),
+    shutdownTimeoutMs: milliseconds(
+      "BYOM_SHUTDOWN_TIMEOUT_MS",
+      15_000,
+      1,
+      "On SIGTERM, how long in-flight requests may finish, in milliseconds, before they are handed back to the stream",
     ),
     quarantineProbeIntervalMs: milliseconds(
       "BYOM_QUARANTINE_PROBE_INTERVAL_MS",

@@ -103,6 +103,8 @@ export async function runAgent(
       allowlistDir: config.sshHostKeyAllowlistDir,
       reloadIntervalMs: config.allowlistReloadIntervalMs,
       logger: logger.child({ component: "hostkeys" }),
+      // The first read happens before the agent exists to report it.
+      onReload: (reload) => metrics.recordAllowlistReload(reload),
     });
     agent = await createAgent({
       policy,
@@ -127,6 +129,7 @@ export async function runAgent(
       },
       concurrency: config.concurrency,
       releaseTimeoutMs: config.releaseTimeoutMs,
+      shutdownTimeoutMs: config.shutdownTimeoutMs,
       quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
       ...(await sealingOptions(config, logger)),
       logger,
