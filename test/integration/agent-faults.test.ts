@@ -232,6 +232,66 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     assert.ok(survivor.child.exitCode === null);
   });
 
+  it("on SIGTERM hands an unfinished request back within the bound, and another agent finishes it", async () => {
+    const { names, pool, env } = deployment("drained", server, vms, {
+      BYOM_SHUTDOWN_TIMEOUT_MS: "1000",
+    });
+    const target =
+      pool[preferredIndex(allocationIdOf("term-1", "s"), pool.length)]!;
+    freeze(target);
+    const first = await agent(env, "node-t");
+    const creating = publisherFor(names).createInstance({
+      podName: "term-1",
+      sandboxId: "s",
+      userData,
+    });
+    await first.waitForLog(/"allocationId":"term-1-s".*lease acquired/);
+
+    const exit = await first.stop("SIGTERM");
+    assert.equal(exit, 0);
+    assert.match(
+      first.log(),
+      /in-flight requests did not finish in time; handing them back/,
+    );
+    thaw(target);
+    await agent(env, "node-u");
+
+    const created = await creating;
+    assert.equal(created.instance.id, target);
+    const store = await leases(names, pool);
+    const live = (await store.list()).filter(
+      (lease) => lease.record.state !== "free",
+    );
+    assert.deepEqual(
+      live.map((lease) => [
+        lease.record.ip,
+        lease.record.state,
+        lease.record.allocationId,
+      ]),
+      [[target, "ready", "term-1-s"]],
+    );
+  });
+
+  it("exits at once on a second signal", async () => {
+    const { names, pool, env } = deployment("twice", server, vms, {
+      BYOM_SHUTDOWN_TIMEOUT_MS: "60000",
+    });
+    const target =
+      pool[preferredIndex(allocationIdOf("term-2", "s"), pool.length)]!;
+    freeze(target);
+    const stubborn = await agent(env, "node-v");
+    void publisherFor(names)
+      .createInstance({ podName: "term-2", sandboxId: "s", userData })
+      .catch(() => undefined);
+    await stubborn.waitForLog(/"allocationId":"term-2-s".*lease acquired/);
+
+    stubborn.child.kill("SIGTERM");
+    await stubborn.waitForLog(/shutting down/);
+    const exit = await stubborn.stop("SIGINT");
+    assert.equal(exit, 130);
+    thaw(target);
+  });
+
   it("answers EXPIRED to a request whose deadline passed, and leases nothing", async () => {
     const { names, pool, env } = deployment("expired", server, vms, {});
     await agent(env, "node-e");
