@@ -61,6 +61,19 @@ function shape(error: unknown): Ssh2ErrorShape {
  * retryable) or a non-retryable handshake failure. The ssh2 error becomes
  * the `cause`.
  */
+/** A host key the VM presented and the policy or the pin refused. */
+export class KeyRefusedError extends HostKeyRejectedError {
+  constructor(
+    message: string,
+    /** Type of the refused key (`ssh-ed25519`, ...), when it could be read. */
+    readonly keyType: string | undefined,
+    options: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = "KeyRefusedError";
+  }
+}
+
 export function classifyConnectError(
   error: unknown,
   context: ConnectFailureContext,
@@ -73,8 +86,9 @@ export function classifyConnectError(
     const { keyType, fingerprint, reason } = context.rejection;
     const key =
       keyType === undefined ? "" : ` ${keyType} ${fingerprint ?? ""}`.trimEnd();
-    return new HostKeyRejectedError(
+    return new KeyRefusedError(
       `host key of vm ${ip} refused:${key}: ${reason}`,
+      keyType,
       options,
     );
   }

@@ -30,6 +30,7 @@ import {
   type BackoffSettings,
 } from "./backoff.js";
 import { openSession, sftpCalls, type Session } from "./session.js";
+import { KeyRefusedError } from "./classify.js";
 
 export { loadPrivateKey, type LoadedPrivateKey } from "./keys.js";
 
@@ -695,7 +696,12 @@ class SshDelivery implements Delivery {
     }
   }
 
-  #open(
+  /**
+   * Opens a session. With an allowlist of several key types, a VM whose
+   * preferred type is not listed is asked again offering the remaining
+   * types, so a VM listed by any one of its keys negotiates that one.
+   */
+  async #open(
     ip: string,
     limits: {
       connectTimeoutMs: number;
@@ -704,7 +710,37 @@ class SshDelivery implements Delivery {
       signal: AbortSignal;
     },
   ): Promise<Session> {
+    let offered = this.#policy.algorithms();
+    for (;;) {
+      try {
+        return await this.#openOnce(ip, limits, offered);
+      } catch (error) {
+        const remaining = withoutKeyType(offered, error);
+        if (
+          this.#policy.mode !== "allowlist" ||
+          limits.pinnedFingerprint !== undefined ||
+          remaining === undefined ||
+          remaining.length === 0
+        ) {
+          throw error;
+        }
+        offered = remaining;
+      }
+    }
+  }
+
+  #openOnce(
+    ip: string,
+    limits: {
+      connectTimeoutMs: number;
+      lifetimeMs: number;
+      pinnedFingerprint: string | undefined;
+      signal: AbortSignal;
+    },
+    offered: string[] | undefined,
+  ): Promise<Session> {
     return openSession({
+      ...(offered === undefined ? {} : { hostKeyAlgorithms: offered }),
       ip,
       port: this.#port,
       username: this.#username,
@@ -758,6 +794,30 @@ class SshDelivery implements Delivery {
       throw new DeliveryFailedError("delivery is closed", { retryable: false });
     }
   }
+}
+
+/** Host key algorithms that sign with each key type. */
+const algorithmsOfKeyType: Record<string, readonly string[]> = {
+  "ssh-rsa": ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"],
+};
+
+/**
+ * `offered` without the algorithms of the key type `error` refused, or
+ * undefined when the error is not such a refusal.
+ */
+function withoutKeyType(
+  offered: string[] | undefined,
+  error: unknown,
+): string[] | undefined {
+  if (
+    offered === undefined ||
+    !(error instanceof KeyRefusedError) ||
+    error.keyType === undefined
+  ) {
+    return undefined;
+  }
+  const refused = algorithmsOfKeyType[error.keyType] ?? [error.keyType];
+  return offered.filter((algorithm) => !refused.includes(algorithm));
 }
 
 /** A child logger for `component`, unless the caller already bound one. */

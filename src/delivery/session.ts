@@ -27,6 +27,8 @@ import {
 
 /** Everything needed to open one session. */
 export interface SessionParams {
+  /** Host key algorithms to offer instead of the policy's. */
+  hostKeyAlgorithms?: string[];
   ip: string;
   port: number;
   username: string;
@@ -64,7 +66,7 @@ export function openSession(params: SessionParams): Promise<Session> {
   return new Promise<Session>((resolve, reject) => {
     const client = new ssh2.Client();
     const untrack = params.track(client);
-    const offered = params.policy.algorithms();
+    const offered = params.hostKeyAlgorithms ?? params.policy.algorithms();
     const context: ConnectFailureContext = {
       ip: params.ip,
       port: params.port,

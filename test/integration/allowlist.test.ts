@@ -250,6 +250,34 @@ describe("host-key allowlist against sandbox VMs", () => {
     assert.equal(seen.hostKey.fingerprint, hostKeyOf(vm.ecdsa).fingerprint);
   });
 
+  it("reaches VMs listed by different key types from one set", async () => {
+    const byEd25519 = vmIp(1);
+    const byEcdsa = vmIp(0);
+    const first = await vmKeyLines(sandbox, byEd25519);
+    const second = await vmKeyLines(sandbox, byEcdsa);
+    const { policy, delivery } = await policyOn({
+      "a.pub": first.ed25519,
+      "b.pub": second.ecdsa,
+    });
+    assert.equal(policy.algorithms()?.length, 2);
+
+    const seenFirst = await delivery.deliver(byEd25519, Buffer.from(userData), {
+      deadline: later(10_000),
+    });
+    const seenSecond = await delivery.deliver(byEcdsa, Buffer.from(userData), {
+      deadline: later(10_000),
+    });
+
+    assert.equal(
+      seenFirst.hostKey.fingerprint,
+      hostKeyOf(first.ed25519).fingerprint,
+    );
+    assert.equal(
+      seenSecond.hostKey.fingerprint,
+      hostKeyOf(second.ecdsa).fingerprint,
+    );
+  });
+
   it("refuses delivery to a VM whose host key is not listed and writes nothing", async () => {
     const ip = vmIp(2);
     const other = await vmKeyLines(sandbox, vmIp(1));
