@@ -96,6 +96,9 @@ describe("delivery to sandbox pod VMs", () => {
     return created;
   }
 
+  let extraKeys: Record<"sec1" | "pkcs8", Buffer>;
+  let extraPublicKeys = "";
+
   function vmIp(index: number): string {
     const ip = ips[index];
     assert.ok(ip !== undefined, `no vm ${index}`);
@@ -122,6 +125,27 @@ describe("delivery to sandbox pod VMs", () => {
       "-m",
       "PEM",
     ]);
+    const sec1 = await makeKey(keyDir, "id_ecdsa", [
+      "-t",
+      "ecdsa",
+      "-m",
+      "PEM",
+    ]);
+    const pkcs8 = await makeKey(keyDir, "id_rsa_pkcs8", [
+      "-t",
+      "rsa",
+      "-b",
+      "2048",
+      "-m",
+      "PKCS8",
+    ]);
+    extraKeys = {
+      sec1: (await loadPrivateKey(sec1.path)).key,
+      pkcs8: (await loadPrivateKey(pkcs8.path)).key,
+    };
+    extraPublicKeys = `${sec1.publicKey}
+${pkcs8.publicKey}
+`;
     clientKey = (await loadPrivateKey(main.path)).key;
     strangerKey = (await loadPrivateKey(stranger.path)).key;
     rsaKey = (await loadPrivateKey(rsa.path)).key;
@@ -131,7 +155,7 @@ describe("delivery to sandbox pod VMs", () => {
       vms: vmCount,
       firstIp,
       stateDir: join(stateRoot, `delivery-${randomBytes(6).toString("hex")}`),
-      authorizedKeys: `${main.publicKey}\n${rsa.publicKey}\n`,
+      authorizedKeys: `${main.publicKey}\n${rsa.publicKey}\n${extraPublicKeys}`,
     });
     ips = sandbox.status().map((vm) => vm.ip);
   });
@@ -387,6 +411,19 @@ describe("delivery to sandbox pod VMs", () => {
     );
     const written = await readFile(join(sandbox.vm(ip).cidataDir, "user-data"));
     assert.equal(sha256(written), result.sha256);
+  });
+
+  it("logs in with a SEC1 EC key and with a converted PKCS#8 RSA key", async () => {
+    for (const [format, key] of Object.entries(extraKeys)) {
+      const ip = vmIp(8);
+      const result = await delivery({ privateKey: key }).deliver(ip, userData, {
+        deadline: later(20_000),
+      });
+      const written = await readFile(
+        join(sandbox.vm(ip).cidataDir, "user-data"),
+      );
+      assert.equal(sha256(written), result.sha256, format);
+    }
   });
 
   it("stops retrying when closed", async () => {
