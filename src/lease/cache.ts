@@ -1,4 +1,6 @@
 import { UnavailableError } from "../errors/index.js";
+import { LeaseState, preferredIndex } from "../protocol/index.js";
+import { FreePositions } from "./free-positions.js";
 import type { Lease } from "./types.js";
 
 interface Slot {
@@ -19,12 +21,25 @@ interface Waiter {
  * own writes. Only a hint for selection: every write is a CAS, so a stale
  * slot costs a lost race, never a wrong owner. A slot only moves forward
  * in revision, whichever source reports first.
+ *
+ * It also keeps which pool IPs are free, updated on every change, so that
+ * choosing an IP costs O(log pool) rather than a scan of the pool.
  */
 export class LeaseCache {
   readonly #slots = new Map<string, Slot>();
+  readonly #pool: readonly string[];
+  readonly #positions = new Map<string, number>();
+  readonly #free: FreePositions;
   #watched = 0;
   #waiters: Waiter[] = [];
   #closedError: Error | undefined;
+
+  /** `pool`: canonical IPs in pool order, the order candidates follow. */
+  constructor(pool: readonly string[] = []) {
+    this.#pool = [...pool];
+    this.#pool.forEach((ip, position) => this.#positions.set(ip, position));
+    this.#free = new FreePositions(this.#pool.length);
+  }
 
   /** The lease of `ip` as last seen, or undefined. */
   get(ip: string): Lease | undefined {
@@ -48,6 +63,53 @@ export class LeaseCache {
   /** Records that the key of `ip` was deleted at `revision`. */
   remove(ip: string, revision: number): void {
     this.#apply(ip, { lease: undefined, revision });
+  }
+
+  /** Free pool IPs outside `exclude`. */
+  freeCount(exclude: ReadonlySet<string>): number {
+    return this.#free.count - this.#excludedFree(exclude).length;
+  }
+
+  /**
+   * Free pool IPs outside `exclude` in the order acquire tries them: the
+   * upstream pick (`preferredIndex` over the free IPs in pool order), then
+   * the next free ones in pool order, wrapping, once round. Lazy: each step
+   * reads the cache as it is then, so an IP taken while the caller was
+   * trying the previous one is passed over; `exclude` is consulted at
+   * every step, so the caller may add to it as it goes.
+   */
+  *candidates(
+    allocationId: string,
+    exclude: ReadonlySet<string>,
+  ): Generator<string, void, undefined> {
+    const excluded = this.#excludedFree(exclude);
+    const pick = preferredIndex(
+      allocationId,
+      this.#free.count - excluded.length,
+    );
+    const first = pick < 0 ? -1 : this.#nthOutside(pick, excluded);
+    if (first < 0) {
+      return;
+    }
+
+    let cursor = first;
+    let wrapped = false;
+    for (;;) {
+      const position = this.#free.nextFrom(cursor);
+      if (position < 0 || (wrapped && position >= first)) {
+        if (wrapped) {
+          return;
+        }
+        wrapped = true;
+        cursor = 0;
+        continue;
+      }
+      cursor = position + 1;
+      const ip = this.#pool[position]!;
+      if (!exclude.has(ip)) {
+        yield ip;
+      }
+    }
   }
 
   /** The watch has delivered everything up to stream sequence `revision`. */
@@ -105,8 +167,41 @@ export class LeaseCache {
 
   #apply(ip: string, slot: Slot): void {
     const current = this.#slots.get(ip);
-    if (current === undefined || current.revision < slot.revision) {
-      this.#slots.set(ip, slot);
+    if (current !== undefined && current.revision >= slot.revision) {
+      return;
     }
+    this.#slots.set(ip, slot);
+    const position = this.#positions.get(ip);
+    if (position !== undefined) {
+      this.#free.set(position, slot.lease?.record.state === LeaseState.Free);
+    }
+  }
+
+  /** Positions of the free pool IPs in `exclude`, ascending. */
+  #excludedFree(exclude: ReadonlySet<string>): number[] {
+    const positions: number[] = [];
+    for (const ip of exclude) {
+      const position = this.#positions.get(ip);
+      if (position !== undefined && this.#free.has(position)) {
+        positions.push(position);
+      }
+    }
+    return positions.sort((left, right) => left - right);
+  }
+
+  /**
+   * The position of the `rank`-th free IP (from 0) when the free positions
+   * `excluded` (ascending) are left out: each one at or before the target
+   * pushes it one further.
+   */
+  #nthOutside(rank: number, excluded: readonly number[]): number {
+    let target = rank;
+    for (const position of excluded) {
+      if (this.#free.countBefore(position) > target) {
+        break;
+      }
+      target += 1;
+    }
+    return this.#free.nth(target);
   }
 }

@@ -1,9 +1,9 @@
 /**
- * Pure parts of the lease store: the stored values, their validation and
- * the selection order. No I/O.
+ * Pure parts of the lease store: the stored values and their validation.
+ * No I/O. (The selection order lives with the free set, in cache.ts.)
  */
 import { InvalidRequestError } from "../errors/index.js";
-import { LeaseState, canonicalIp, preferredIndex } from "../protocol/index.js";
+import { LeaseState, canonicalIp } from "../protocol/index.js";
 import type { ClaimRequest, LeaseRecord } from "./types.js";
 
 /** Every lease state, in lifecycle order. */
@@ -181,22 +181,6 @@ export function parseAllocationIndex(
     return undefined;
   }
   return value as unknown as AllocationIndex;
-}
-
-/**
- * The order in which to try free IPs: the upstream pick
- * (`preferredIndex` over `free`, which is in pool order), then the next
- * ones, wrapping around.
- */
-export function candidateOrder(
-  allocationId: string,
-  free: readonly string[],
-): string[] {
-  const first = preferredIndex(allocationId, free.length);
-  if (first < 0) {
-    return [];
-  }
-  return [...free.slice(first), ...free.slice(0, first)];
 }
 
 /** A count for every state, all zero. */

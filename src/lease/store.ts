@@ -23,7 +23,6 @@ import { isLostRace, unavailable } from "./kv.js";
 import {
   type AllocationIndex,
   allLeaseStates,
-  candidateOrder,
   checkAllocationId,
   checkClaim,
   claimedRecord,
@@ -77,7 +76,7 @@ export class KvLeaseStore implements LeaseStore {
   readonly #pool: readonly string[];
   readonly #poolSet: ReadonlySet<string>;
   readonly #log: Logger;
-  readonly #cache = new LeaseCache();
+  readonly #cache: LeaseCache;
   readonly #pendingTimeoutMs: number;
   readonly #syncTimeoutMs: number;
   #kv: KV | undefined;
@@ -90,6 +89,7 @@ export class KvLeaseStore implements LeaseStore {
     this.#options = { ...options };
     this.#pool = canonicalPool(options.pool);
     this.#poolSet = new Set(this.#pool);
+    this.#cache = new LeaseCache(this.#pool);
     this.#log = (options.logger ?? silentLogger()).child({
       component: "lease",
       bucket: options.bucket,
@@ -584,14 +584,13 @@ export class KvLeaseStore implements LeaseStore {
     exclude: ReadonlySet<string>,
     log: Logger,
   ): Promise<Lease | undefined> {
-    const tried = new Set<string>();
+    const skip = new Set(exclude);
     for (let pass = 0; pass < 2; pass += 1) {
       if (pass > 0) {
         await this.#sync();
       }
-      const free = this.#freeIps(exclude).filter((ip) => !tried.has(ip));
-      for (const ip of candidateOrder(claim.allocationId, free)) {
-        tried.add(ip);
+      for (const ip of this.#cache.candidates(claim.allocationId, skip)) {
+        skip.add(ip);
         const lease = await this.#claimIp(kv, ip, claim, log);
         if (lease !== undefined) {
           return lease;
@@ -696,11 +695,11 @@ export class KvLeaseStore implements LeaseStore {
 
   /** Throws PoolExhaustedError unless the (synced) cache shows a free IP. */
   async #requireFree(exclude: ReadonlySet<string>): Promise<void> {
-    if (this.#freeIps(exclude).length > 0) {
+    if (this.#cache.freeCount(exclude) > 0) {
       return;
     }
     await this.#sync();
-    if (this.#freeIps(exclude).length === 0) {
+    if (this.#cache.freeCount(exclude) === 0) {
       throw this.#exhausted(exclude);
     }
   }
@@ -719,14 +718,6 @@ export class KvLeaseStore implements LeaseStore {
     return new PoolExhaustedError(
       `no free IP in the pool of ${this.#pool.length}: ${describeCounts(counts)}` +
         (excluded > 0 ? ` (${excluded} free IPs excluded)` : ""),
-    );
-  }
-
-  #freeIps(exclude: ReadonlySet<string>): string[] {
-    return this.#pool.filter(
-      (ip) =>
-        !exclude.has(ip) &&
-        this.#cache.get(ip)?.record.state === LeaseState.Free,
     );
   }
 
