@@ -1,16 +1,17 @@
 /** Sandbox VMs in a child process (bench/sandbox-host.ts), and client keys. */
-import { execFile, fork } from "node:child_process";
+import { fork } from "node:child_process";
 import { once } from "node:events";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { promisify } from "node:util";
 
-import type { SandboxVmStatus } from "../../src/sandbox/index.js";
+import {
+  generateClientKey,
+  type SandboxVmStatus,
+} from "../../src/sandbox/index.js";
 import type { HostReply, HostRequest } from "../sandbox-host.js";
 import { onCleanup } from "./cleanup.js";
 
-const run = promisify(execFile);
 const hostScript = new URL("../sandbox-host.ts", import.meta.url).pathname;
 
 /** A key pair for the agent and the OpenSSH baseline (same key). */
@@ -23,18 +24,10 @@ export interface ClientKey {
 export async function makeClientKey(): Promise<ClientKey> {
   const dir = await mkdtemp(path.join(tmpdir(), "byom-bench-key-"));
   onCleanup(`key dir ${dir}`, () => rm(dir, { recursive: true, force: true }));
-  const privateKeyPath = path.join(dir, "id_ed25519");
-  await run("ssh-keygen", [
-    "-q",
-    "-t",
-    "ed25519",
-    "-N",
-    "",
-    "-C",
+  const { privateKeyPath } = await generateClientKey(
+    path.join(dir, "id_ed25519"),
     "byom-bench",
-    "-f",
-    privateKeyPath,
-  ]);
+  );
   return {
     dir,
     privateKeyPath,

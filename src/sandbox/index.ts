@@ -25,6 +25,7 @@ import {
 import { SandboxVm } from "./vm.js";
 
 export type { HostKeyType } from "./sshd.js";
+export { generateClientKey, type ClientKeyPair } from "./system.js";
 
 /** Options of {@link createSandbox}; only `vms` and `authorizedKeys` are required. */
 export interface SandboxOptions {

@@ -168,3 +168,38 @@ export async function checkChrootPath(dir: string): Promise<string[]> {
 function hasControl(text: string): boolean {
   return [...text].some((char) => char.charCodeAt(0) < 0x20);
 }
+
+/** A client key pair made for talking to sandbox VMs. */
+export interface ClientKeyPair {
+  privateKeyPath: string;
+  /** OpenSSH private key text. */
+  privateKey: string;
+  /** The public key line, without its line end. */
+  publicKey: string;
+}
+
+/**
+ * Makes an unencrypted ed25519 key pair at `privateKeyPath` (and `.pub`)
+ * with ssh-keygen; the folder must exist and the files must not.
+ */
+export async function generateClientKey(
+  privateKeyPath: string,
+  comment = "byom-sandbox-client",
+): Promise<ClientKeyPair> {
+  await run(sshKeygenPath, [
+    "-q",
+    "-t",
+    "ed25519",
+    "-N",
+    "",
+    "-C",
+    comment,
+    "-f",
+    privateKeyPath,
+  ]);
+  return {
+    privateKeyPath,
+    privateKey: await readFile(privateKeyPath, "utf8"),
+    publicKey: (await readFile(`${privateKeyPath}.pub`, "utf8")).trim(),
+  };
+}

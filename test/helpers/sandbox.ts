@@ -1,12 +1,13 @@
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 
 import {
   createSandbox,
+  generateClientKey,
   type Sandbox,
   type SandboxOptions,
 } from "../../src/sandbox/index.js";
@@ -64,24 +65,8 @@ export async function makeClientKey(): Promise<{
   publicKey: string;
 }> {
   const keyDir = await mkdtemp(join(tmpdir(), "byom-sandbox-key-"));
-  const privateKeyPath = join(keyDir, "id_ed25519");
-  await execFileAsync("ssh-keygen", [
-    "-q",
-    "-t",
-    "ed25519",
-    "-N",
-    "",
-    "-C",
-    "byom-test",
-    "-f",
-    privateKeyPath,
-  ]);
-  return {
-    keyDir,
-    privateKeyPath,
-    privateKey: await readFile(privateKeyPath, "utf8"),
-    publicKey: (await readFile(`${privateKeyPath}.pub`, "utf8")).trim(),
-  };
+  const key = await generateClientKey(join(keyDir, "id_ed25519"), "byom-test");
+  return { keyDir, ...key };
 }
 
 /**

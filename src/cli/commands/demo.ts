@@ -1,10 +1,8 @@
-import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
 
 import type { Command } from "commander";
 import { pino } from "pino";
@@ -16,13 +14,12 @@ import { createPublisher } from "../../publisher/index.js";
 import {
   checkSandboxPrerequisites,
   createSandbox,
+  generateClientKey,
   type Sandbox,
   type SandboxVmStatus,
 } from "../../sandbox/index.js";
 import { connectNats, startEmbeddedNats } from "../../transport/index.js";
 import { formatPoolTable } from "./pool.js";
-
-const run = promisify(execFile);
 
 const fixtureNames = [
   "pod-basic.yaml",
@@ -103,19 +100,12 @@ async function runDemo(options: DemoOptions): Promise<void> {
       "client key",
       () => rm(keyDir, { recursive: true, force: true }),
     ]);
-    const keyPath = join(keyDir, "id_ed25519");
-    await run("ssh-keygen", [
-      "-q",
-      "-t",
-      "ed25519",
-      "-N",
-      "",
-      "-C",
+    const clientKey = await generateClientKey(
+      join(keyDir, "id_ed25519"),
       "byom-demo",
-      "-f",
-      keyPath,
-    ]);
-    const publicKey = await readFile(`${keyPath}.pub`, "utf8");
+    );
+    const keyPath = clientKey.privateKeyPath;
+    const publicKey = clientKey.publicKey;
 
     const sandbox: Sandbox = await createSandbox({
       vms: 3,

@@ -1,4 +1,4 @@
-import { execFile, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import {
   mkdir,
   open,
@@ -10,7 +10,6 @@ import {
 } from "node:fs/promises";
 import path from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
-import { promisify } from "node:util";
 
 import { InvalidArgumentError, type Command } from "commander";
 import { pino } from "pino";
@@ -24,14 +23,13 @@ import {
 import {
   checkSandboxPrerequisites,
   createSandbox,
+  generateClientKey,
   prepareSandboxStateDir,
   removeSandboxLeftovers,
   sandboxAddresses,
   type Sandbox,
   type SandboxVmStatus,
 } from "../../sandbox/index.js";
-
-const execFileAsync = promisify(execFile);
 
 const defaultStateDir = "/var/lib/byom-sandbox";
 const stateFileName = "sandbox.json";
@@ -196,17 +194,7 @@ async function authorizedKey(
   await rm(clientDir, { recursive: true, force: true });
   await mkdir(clientDir, { mode: 0o700 });
   const clientKey = path.join(clientDir, "id_ed25519");
-  await execFileAsync("ssh-keygen", [
-    "-q",
-    "-t",
-    "ed25519",
-    "-N",
-    "",
-    "-C",
-    "byom-sandbox-client",
-    "-f",
-    clientKey,
-  ]);
+  await generateClientKey(clientKey);
   return { authorizedKey: `${clientKey}.pub`, clientKey };
 }
 
