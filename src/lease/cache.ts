@@ -9,12 +9,6 @@ interface Slot {
   readonly revision: number;
 }
 
-/** An allocation index entry as last seen: its revision and raw value. */
-export interface IndexSlot {
-  readonly revision: number;
-  readonly value: Uint8Array;
-}
-
 interface Waiter {
   readonly revision: number;
   readonly resolve: () => void;
@@ -29,17 +23,13 @@ interface Waiter {
  * in revision, whichever source reports first.
  *
  * It also keeps which pool IPs are free, updated on every change, so that
- * choosing an IP costs O(log pool) rather than a scan of the pool, and the
- * allocation index entries, so that a write can go straight to a CAS at
- * the revision seen instead of reading the key first.
+ * choosing an IP costs O(log pool) rather than a scan of the pool.
  */
 export class LeaseCache {
   readonly #slots = new Map<string, Slot>();
   readonly #pool: readonly string[];
   readonly #positions = new Map<string, number>();
   readonly #free: FreePositions;
-  /** Live index entries only; see indexWatched. */
-  readonly #indexes = new Map<string, IndexSlot>();
   #watched = 0;
   #waiters: Waiter[] = [];
   #closedError: Error | undefined;
@@ -119,52 +109,6 @@ export class LeaseCache {
       if (!exclude.has(ip)) {
         yield ip;
       }
-    }
-  }
-
-  /** The index entry under `key` as last seen, if it was live. */
-  index(key: string): IndexSlot | undefined {
-    return this.#indexes.get(key);
-  }
-
-  /**
-   * Records an index entry the watch delivered at `revision`; `value`
-   * undefined is a deletion. Deleted entries are forgotten, not kept as
-   * tombstones, so memory follows the live allocations.
-   */
-  indexWatched(
-    key: string,
-    revision: number,
-    value: Uint8Array | undefined,
-  ): void {
-    const current = this.#indexes.get(key);
-    if (current !== undefined && current.revision >= revision) {
-      return;
-    }
-    if (value === undefined) {
-      this.#indexes.delete(key);
-    } else {
-      this.#indexes.set(key, { revision, value });
-    }
-  }
-
-  /**
-   * Records an index entry this store wrote at `revision`. Ignored once
-   * the watch has passed that revision: the watch has then delivered it or
-   * something newer, and a late write result must not bring back an entry
-   * the watch has since seen deleted (there is no tombstone to stop it).
-   */
-  indexWritten(key: string, revision: number, value: Uint8Array): void {
-    if (revision > this.#watched) {
-      this.indexWatched(key, revision, value);
-    }
-  }
-
-  /** Forgets `key` if it was last seen at `revision` or before. */
-  indexDeleted(key: string, revision: number): void {
-    const current = this.#indexes.get(key);
-    if (current !== undefined && current.revision <= revision) {
-      this.#indexes.delete(key);
     }
   }
 

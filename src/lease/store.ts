@@ -147,14 +147,7 @@ export class KvLeaseStore implements LeaseStore {
     let pending: { revision: number; seenAt: number } | undefined;
 
     for (let round = 0; round < maxRounds; round += 1) {
-      // An allocation this store has not seen, with an IP free, creates its
-      // entry without reading it first: the create is refused if an entry
-      // exists after all, and the next round reads it.
-      const unseen =
-        round === 0 &&
-        this.#cache.index(key) === undefined &&
-        this.#cache.freeCount(exclude) > 0;
-      const entry = unseen ? undefined : await this.#readEntry(kv, key);
+      const entry = await this.#readEntry(kv, key);
       const index =
         entry === undefined ? undefined : parseAllocationIndex(entry.value);
 
@@ -174,13 +167,7 @@ export class KvLeaseStore implements LeaseStore {
           await delay(pendingPollMs);
           continue;
         }
-        const adopted = await this.#adoptAbandoned(
-          kv,
-          claim,
-          entry,
-          index,
-          log,
-        );
+        const adopted = await this.#adoptAbandoned(kv, claim, entry, log);
         if (adopted === "retry") {
           continue;
         }
@@ -198,12 +185,7 @@ export class KvLeaseStore implements LeaseStore {
         requestId: claim.requestId,
         since: now(),
       };
-      const indexRevision = await this.#writeIndex(
-        kv,
-        key,
-        own,
-        entry?.revision,
-      );
+      const indexRevision = await this.#writeKey(kv, key, own, entry?.revision);
       if (indexRevision === undefined) {
         continue;
       }
@@ -478,14 +460,6 @@ export class KvLeaseStore implements LeaseStore {
       } else {
         this.#cache.put(ip, lease);
       }
-    } else if (entry.key.startsWith(LeaseKeyPrefix.Allocation)) {
-      // A copy: the value may be a view of a larger inbound buffer, which
-      // a long-lived allocation would otherwise keep alive.
-      this.#cache.indexWatched(
-        entry.key,
-        entry.revision,
-        entry.operation === "PUT" ? entry.value.slice() : undefined,
-      );
     }
     this.#cache.watched(entry.revision);
   }
@@ -569,12 +543,12 @@ export class KvLeaseStore implements LeaseStore {
     const key = allocationKey(claim.allocationId);
     const lease = await this.#claimFreeIp(kv, claim, exclude, log);
     if (lease === undefined) {
-      await this.#deleteIndex(kv, key, indexRevision);
+      await this.#deleteKey(kv, key, indexRevision);
       throw this.#exhausted(exclude);
     }
 
     const ip = lease.record.ip;
-    const pointed = await this.#writeIndex(
+    const pointed = await this.#writeKey(
       kv,
       key,
       { ...own, ip },
@@ -665,7 +639,6 @@ export class KvLeaseStore implements LeaseStore {
     kv: KV,
     claim: ClaimRequest,
     entry: KvEntry,
-    index: AllocationIndex,
     log: Logger,
   ): Promise<Lease | "retry" | undefined> {
     const lease = await this.#scanOwned(kv, claim.allocationId, liveStates);
@@ -673,7 +646,8 @@ export class KvLeaseStore implements LeaseStore {
       log.warn("taking over an abandoned allocation entry");
       return undefined;
     }
-    const pointed = await this.#writeIndex(
+    const index = parseAllocationIndex(entry.value);
+    const pointed = await this.#writeKey(
       kv,
       entry.key,
       { ...index, allocationId: claim.allocationId, ip: lease.record.ip },
@@ -750,26 +724,19 @@ export class KvLeaseStore implements LeaseStore {
   // --- shared steps ---
 
   /**
-   * Decide, CAS; a lost race re-reads and decides again. `decide` may
-   * throw to refuse. A decision to write may rest on the cached lease,
-   * since the CAS at its revision only succeeds while it is current; an
-   * answer without a write, and a refusal, always rest on a fresh read.
+   * Read, decide, CAS; a lost race re-reads and decides again. `decide`
+   * may throw to refuse.
    */
   async #mutate(
     kv: KV,
     ip: string,
     decide: (current: Lease | undefined) => Decision,
   ): Promise<Lease | undefined> {
-    let current = this.#cache.get(ip);
-    let decision = current === undefined ? undefined : writeOf(decide, current);
     for (let round = 0; round < maxRounds; round += 1) {
-      if (decision === undefined) {
-        current = await this.#readLease(kv, ip);
-        const fresh = decide(current);
-        if ("done" in fresh) {
-          return fresh.done;
-        }
-        decision = fresh;
+      const current = await this.#readLease(kv, ip);
+      const decision = decide(current);
+      if ("done" in decision) {
+        return decision.done;
       }
       const revision = await this.#writeKey(
         kv,
@@ -782,7 +749,6 @@ export class KvLeaseStore implements LeaseStore {
         this.#cache.put(ip, lease);
         return lease;
       }
-      decision = undefined;
     }
     throw new UnavailableError(
       `lease on ${ip} changed on every one of ${maxRounds} attempts`,
@@ -810,19 +776,9 @@ export class KvLeaseStore implements LeaseStore {
     }
     try {
       const key = allocationKey(allocationId);
-      // The entry as cached can be deleted at its revision straight away:
-      // the delete is refused if it changed since, and then it is read.
-      const cached = this.#cache.index(key);
-      if (
-        cached !== undefined &&
-        pointsAt(cached.value, ip) &&
-        (await this.#deleteIndex(kv, key, cached.revision))
-      ) {
-        return;
-      }
       const entry = await this.#readEntry(kv, key);
-      if (entry !== undefined && pointsAt(entry.value, ip)) {
-        await this.#deleteIndex(kv, key, entry.revision);
+      if (entry !== undefined && parseAllocationIndex(entry.value)?.ip === ip) {
+        await this.#deleteKey(kv, key, entry.revision);
       }
     } catch (error) {
       // A stale index entry is harmless: acquire checks the lease it names.
@@ -975,7 +931,7 @@ export class KvLeaseStore implements LeaseStore {
     value: unknown,
     revision?: number,
   ): Promise<number | undefined> {
-    const bytes = value instanceof Uint8Array ? value : encodeJson(value);
+    const bytes = encodeJson(value);
     try {
       return revision === undefined
         ? await kv.create(key, bytes)
@@ -988,36 +944,15 @@ export class KvLeaseStore implements LeaseStore {
     }
   }
 
-  /** #writeKey for an allocation index entry, remembered in the cache. */
-  async #writeIndex(
-    kv: KV,
-    key: string,
-    index: AllocationIndex,
-    revision?: number,
-  ): Promise<number | undefined> {
-    const bytes = encodeJson(index);
-    const written = await this.#writeKey(kv, key, bytes, revision);
-    if (written !== undefined) {
-      this.#cache.indexWritten(key, written, bytes);
-    }
-    return written;
-  }
-
-  /**
-   * Deletes the index entry `key` if it is still at `revision`; false when
-   * it changed meanwhile (a lost race is fine for every caller).
-   */
-  async #deleteIndex(kv: KV, key: string, revision: number): Promise<boolean> {
+  /** Deletes `key` if it is still at `revision`; a lost race is fine. */
+  async #deleteKey(kv: KV, key: string, revision: number): Promise<void> {
     try {
       await kv.delete(key, { previousSeq: revision });
     } catch (error) {
-      if (isLostRace(error)) {
-        return false;
+      if (!isLostRace(error)) {
+        throw unavailable(`delete ${key}`, error);
       }
-      throw unavailable(`delete ${key}`, error);
     }
-    this.#cache.indexDeleted(key, revision);
-    return true;
   }
 
   #requireKv(): KV {
@@ -1068,27 +1003,6 @@ function toLease(ip: string, entry: KvEntry): Lease | undefined {
     updatedAt: entry.created.toISOString(),
   };
   return { record, revision: entry.revision };
-}
-
-/**
- * What `decide` would write on `lease`; undefined when it would answer
- * without writing or refuse, which the caller then decides on a fresh read.
- */
-function writeOf(
-  decide: (current: Lease | undefined) => Decision,
-  lease: Lease,
-): { readonly write: LeaseRecord } | undefined {
-  try {
-    const decision = decide(lease);
-    return "write" in decision ? decision : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** True when the index value names `ip`. */
-function pointsAt(value: Uint8Array, ip: string): boolean {
-  return parseAllocationIndex(value)?.ip === ip;
 }
 
 function isLiveFor(

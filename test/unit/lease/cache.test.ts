@@ -4,7 +4,7 @@ import { describe, it } from "node:test";
 import { UnavailableError } from "../../../src/errors/index.js";
 import { LeaseCache } from "../../../src/lease/cache.js";
 import { FreePositions } from "../../../src/lease/free-positions.js";
-import { encodeJson, freeRecord } from "../../../src/lease/record.js";
+import { freeRecord } from "../../../src/lease/record.js";
 import { LeaseState, preferredIndex } from "../../../src/protocol/index.js";
 
 /** Deterministic pseudo-random numbers in [0, 1) (mulberry32). */
@@ -164,32 +164,6 @@ describe("lease cache", () => {
     cache.put("10.0.0.1", lease(7, "free"));
     assert.equal(cache.freeCount(new Set()), 1);
     assert.equal(cache.freeCount(new Set(["10.0.0.1"])), 0);
-  });
-
-  it("keeps live index entries and forgets deleted ones", () => {
-    const cache = new LeaseCache();
-    const value = encodeJson({ allocationId: "a", token: "t", ip: "x" });
-    cache.indexWatched("alloc.a", 3, value);
-    cache.indexWatched("alloc.a", 2, undefined);
-    assert.equal(cache.index("alloc.a")?.revision, 3);
-    cache.indexWatched("alloc.a", 4, undefined);
-    assert.equal(cache.index("alloc.a"), undefined);
-  });
-
-  it("drops its own index write once the watch has passed it", () => {
-    const cache = new LeaseCache();
-    const value = encodeJson({ allocationId: "a", token: "t" });
-    cache.watched(5);
-    // The watch delivered revision 4 and a deletion at 5 already: a late
-    // write result for 4 must not bring the entry back.
-    cache.indexWritten("alloc.a", 4, value);
-    assert.equal(cache.index("alloc.a"), undefined);
-    cache.indexWritten("alloc.a", 6, value);
-    assert.equal(cache.index("alloc.a")?.revision, 6);
-    cache.indexDeleted("alloc.a", 5);
-    assert.equal(cache.index("alloc.a")?.revision, 6, "a newer entry stays");
-    cache.indexDeleted("alloc.a", 6);
-    assert.equal(cache.index("alloc.a"), undefined);
   });
 
   it("resolves a catch-up once the watch passes the revision, and fails when closed", async () => {
