@@ -3,6 +3,7 @@ import { readFile } from "node:fs/promises";
 import { after, before, describe, it } from "node:test";
 
 import { jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 
 import { createAgent, type Agent } from "../../src/agent/index.js";
@@ -155,12 +156,22 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
       maxReconnectAttempts: -1,
     });
     const names = resourceNames({});
-    // JetStream needs a meta leader before anything can be created.
-    const jsm = await jetstreamManager(agentConnection);
-    await waitFor(async () => (await jsm.getAccountInfo()).streams >= 0, {
-      timeoutMs: 20_000,
-      what: "the JetStream cluster to elect a leader",
-    });
+    // A new cluster answers account info before it can place replicated
+    // assets: wait until a replicated bucket takes a write.
+    await waitFor(
+      async () => {
+        const probe = await new Kvm(agentConnection).create("cluster-ready", {
+          replicas: 3,
+        });
+        await probe.put("probe", "1");
+        return true;
+      },
+      {
+        timeoutMs: 30_000,
+        intervalMs: 500,
+        what: "the JetStream cluster to take replicated writes",
+      },
+    );
     agent = await createAgent({
       nc: agentConnection,
       names,
