@@ -25,6 +25,8 @@ const retryableCodes: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   ErrorCode.VmUnreachable,
   ErrorCode.DeliveryFailed,
   ErrorCode.Unavailable,
+  // A new request may be served in time (allocation ids keep it safe).
+  ErrorCode.Expired,
 ]);
 
 export function isRetryableCode(code: ErrorCode): boolean {

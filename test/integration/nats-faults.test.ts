@@ -125,10 +125,12 @@ describe("NATS faults: a restarted server", () => {
       what: "the agent's view to re-sync after the restart",
     });
     await assertOneOwnerEach(stack.agent, ips);
+    // Acks travel after the results: wait for the last of them.
     const jsm = await jetstreamManager(stack.clientConnection);
-    assert.equal(
-      (await jsm.streams.info(stack.names.stream)).state.messages,
-      0,
+    await waitFor(
+      async () =>
+        (await jsm.streams.info(stack.names.stream)).state.messages === 0,
+      { what: "every request to leave the stream" },
     );
     t.diagnostic(`restart under load: 8 creates answered, ${retries} retried`);
   });
