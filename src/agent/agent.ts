@@ -39,6 +39,9 @@ import { SafeEmitter, type AgentEvents } from "./events.js";
 import { startQuarantineProber, type Prober } from "./prober.js";
 import { watchAbandonedRequests } from "./abandoned.js";
 
+/** Tries to get an ack confirmed before relying on redelivery. */
+const ackAttempts = 4;
+
 /** Plain options of an agent; the CLI builds them from the config. */
 export interface AgentOptions {
   /** A connected NATS client; the agent does not close it. */
@@ -339,7 +342,7 @@ class AgentImpl implements Agent {
 
     if (outcome.after === undefined) {
       clearInterval(heartbeat);
-      message.ack();
+      await this.#ack(message, log);
       return;
     }
     // The rest (waiting for the VM to reset) runs beside the workers; the
@@ -347,14 +350,14 @@ class AgentImpl implements Agent {
     const task = outcome
       .after()
       .then(
-        () => message.ack(),
+        () => this.#ack(message, log),
         (error: unknown) => {
           if (!this.#running) {
             message.nak();
             return;
           }
           log.error({ err: errorFields(error) }, "release follow-up failed");
-          message.ack();
+          return this.#ack(message, log);
         },
       )
       .finally(() => {
@@ -440,6 +443,26 @@ class AgentImpl implements Agent {
       }
     }
     this.#logger.info({ served: this.#served }, "agent closed");
+  }
+
+  /**
+   * Acks and waits for the server to confirm, a few times: an ack lost to a
+   * reconnect would redeliver a request already answered.
+   */
+  async #ack(message: JsMsg, log: Logger): Promise<void> {
+    for (let attempt = 1; attempt <= ackAttempts; attempt += 1) {
+      try {
+        if (await message.ackAck({ timeout: 2000 })) {
+          return;
+        }
+      } catch (error) {
+        log.debug({ err: errorFields(error), attempt }, "ack not confirmed");
+      }
+      await delay(500 * attempt);
+    }
+    log.warn(
+      "ack never confirmed; the request may be served again (idempotent)",
+    );
   }
 
   /** UNAVAILABLE (NATS trouble) is retried by redelivery, but for the last one. */

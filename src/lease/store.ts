@@ -49,6 +49,8 @@ import type {
 } from "./types.js";
 
 /** Re-read-and-retry rounds of one operation before giving up. */
+/** Refused creates of an absent allocation entry before writing it anyway. */
+const phantomLimit = 3;
 const maxRounds = 50;
 /** Pause between looks at another acquire's unfinished index entry. */
 const pendingPollMs = 20;
@@ -145,6 +147,7 @@ export class KvLeaseStore implements LeaseStore {
       requestId: claim.requestId,
     });
     let pending: { revision: number; seenAt: number } | undefined;
+    let phantomRefusals = 0;
 
     for (let round = 0; round < maxRounds; round += 1) {
       const entry = await this.#readEntry(kv, key);
@@ -185,7 +188,13 @@ export class KvLeaseStore implements LeaseStore {
         requestId: claim.requestId,
         since: now(),
       };
-      const indexRevision = await this.#writeKey(kv, key, own, entry?.revision);
+      let indexRevision = await this.#writeKey(kv, key, own, entry?.revision);
+      if (indexRevision === undefined && entry === undefined) {
+        phantomRefusals += 1;
+        if (phantomRefusals >= phantomLimit) {
+          indexRevision = await this.#putIndexAnyway(kv, key, own, log);
+        }
+      }
       if (indexRevision === undefined) {
         continue;
       }
@@ -204,6 +213,32 @@ export class KvLeaseStore implements LeaseStore {
     throw new UnavailableError(
       `acquire for allocation ${claim.allocationId} did not settle after ${maxRounds} rounds of lost races`,
     );
+  }
+
+  /**
+   * nats-server 2.9 in a cluster can be left, after a write timed out
+   * during a leader change, refusing every create of a key that every read
+   * shows absent (seen in the 3-node fault test: an allocation stuck for
+   * over a minute). The index entry is then written without the
+   * compare-and-swap; the IP claim that follows still is one, and
+   * #claimForIndex gives the IP back if another acquire of this allocation
+   * overtakes this one. Issue #5.
+   */
+  async #putIndexAnyway(
+    kv: KV,
+    key: string,
+    own: AllocationIndex,
+    log: Logger,
+  ): Promise<number> {
+    log.warn(
+      { key },
+      "the server refuses to create an allocation entry it reads as absent; writing it without compare-and-swap",
+    );
+    try {
+      return await kv.put(key, encodeJson(own));
+    } catch (error) {
+      throw unavailable(`write ${key}`, error);
+    }
   }
 
   async markReady(

@@ -99,6 +99,8 @@ describe("NATS faults: a restarted server", () => {
       vms: 8,
       firstIp: "127.62.0.2",
       prefix: "restart",
+      // A delivery lost in the restart comes back after the ack wait.
+      agent: { queue: { ackWaitMs: 5000 } },
     });
   });
 
@@ -130,7 +132,7 @@ describe("NATS faults: a restarted server", () => {
     await waitFor(
       async () =>
         (await jsm.streams.info(stack.names.stream)).state.messages === 0,
-      { what: "every request to leave the stream" },
+      { timeoutMs: 30_000, what: "every request to leave the stream" },
     );
     t.diagnostic(`restart under load: 8 creates answered, ${retries} retried`);
   });
