@@ -123,7 +123,7 @@ async function settle(
  * A VM the abandoned request may have touched goes to quarantine; the
  * prober frees it once it answers with an empty cidata/.
  */
-async function takeOutOfService(
+export async function takeOutOfService(
   context: AgentContext,
   request: Request,
 ): Promise<void> {

@@ -37,7 +37,7 @@ import { handleDelete, type Outcome } from "./delete.js";
 import type { AgentContext } from "./context.js";
 import { SafeEmitter, type AgentEvents } from "./events.js";
 import { startQuarantineProber, type Prober } from "./prober.js";
-import { watchAbandonedRequests } from "./abandoned.js";
+import { takeOutOfService, watchAbandonedRequests } from "./abandoned.js";
 
 /** Tries to get an ack confirmed before relying on redelivery. */
 const ackAttempts = 4;
@@ -391,13 +391,24 @@ class AgentImpl implements Agent {
       throw error;
     }
 
+    const context = { ...this.#context(), logger: log };
     if (Date.parse(request.deadline) < Date.now()) {
-      throw new ExpiredError(
-        `request ${request.requestId} expired at ${request.deadline} before an agent started it`,
-      );
+      const redelivered = message.info.deliveryCount > 1;
+      // An agent died serving it: a delete is finished whatever its
+      // deadline (the VM must not stay half released); the VM an expired
+      // create may have touched leaves service until found clean.
+      if (!(redelivered && request.kind === RequestKind.Delete)) {
+        if (redelivered) {
+          await takeOutOfService(context, request);
+        }
+        throw new ExpiredError(
+          redelivered
+            ? `request ${request.requestId} expired at ${request.deadline} while being served again after its agent stopped`
+            : `request ${request.requestId} expired at ${request.deadline} before an agent started it`,
+        );
+      }
     }
 
-    const context = { ...this.#context(), logger: log };
     return request.kind === RequestKind.Create
       ? await handleCreate(context, request)
       : handleDelete(context, request);

@@ -121,7 +121,10 @@ export class KvLeaseStore implements LeaseStore {
     await this.#startWatch(this.#kv);
     await this.#retry("read lease bucket", () => this.#sync());
 
-    const report = await this.#reconcile();
+    const report =
+      this.#options.reconcile === false
+        ? { created: [], present: this.#pool.length, orphans: this.#orphans() }
+        : await this.#reconcile();
     this.#log.info(
       {
         created: report.created.length,

@@ -81,6 +81,12 @@ export interface LeaseStoreOptions {
    * before failing with UnavailableError. Default 5 000 ms.
    */
   cacheSyncTimeoutMs?: number;
+  /**
+   * Make sure every pool IP has a key at start (default true). Operator
+   * tools pass false: adding keys is the agents' job, and a tool run with
+   * another VM_POOL_IPS must not add leases nobody serves.
+   */
+  reconcile?: boolean;
 }
 
 /** Options of `acquire`. */

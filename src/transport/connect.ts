@@ -98,6 +98,12 @@ export async function connectNats(
     );
   }
   const tls = options.tls;
+  const servers = settings.servers as string[];
+  if (servers.some((server) => /^(tls|wss):\/\//i.test(server))) {
+    // A tls:// URL must never fall back to a clear connection (which would
+    // carry the password in clear): require TLS even without a CA file.
+    settings.tls = {};
+  }
   if (tls?.caFile || tls?.certFile) {
     settings.tls = {
       ...(tls.caFile ? { caFile: tls.caFile } : {}),

@@ -59,6 +59,7 @@ async function withLeases<T>(
     bucket: config.names.leaseBucket,
     pool,
     agent: `cli@${config.node}`,
+    reconcile: false,
     replicas: config.replicas,
   });
   try {
@@ -81,6 +82,7 @@ async function poolIp(
     (config.pool.length > 0
       ? config.pool.includes(ip)
       : (await leases.get(ip)) !== undefined);
+  // A pool IP the agents have not added yet has no lease to act on.
   if (ip === undefined || !known) {
     throw new InvalidRequestError(
       config.pool.length > 0
