@@ -931,8 +931,7 @@ export class KvLeaseStore implements LeaseStore {
   /**
    * Creates `key` (no `revision`) or replaces it at `revision`. Returns the
    * new revision, or undefined when the key changed meanwhile.
-   */
-  /**
+   *
    * One compare-and-swap in flight per key from this process. nats-server
    * 2.9 with replicated streams lets two writes with the same expected
    * revision both succeed when they are proposed together (measured: 29 of
