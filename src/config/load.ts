@@ -315,6 +315,11 @@ function showValue(key: SettingKey, value: unknown): string {
   if (key === "natsUrl" && typeof value === "string") {
     return JSON.stringify(redactUrlList(value));
   }
+  // An nkey seed (S + type letter + base32) pasted where a public key
+  // belongs must not be echoed.
+  if (typeof value === "string" && /^S[A-Z][A-Z2-7]{20,}/.test(value.trim())) {
+    return `${Redacted} (this looks like a seed, which is secret: give the public key)`;
+  }
   return JSON.stringify(value) ?? String(value);
 }
 
