@@ -1,8 +1,10 @@
 import {
   HostKeyRejectedError,
   InvalidRequestError,
+  NotOwnerError,
   toByomError,
 } from "../errors/index.js";
+import type { LeaseRecord } from "../lease/index.js";
 import { errorFields } from "../logging/index.js";
 import {
   LeaseState,
@@ -53,6 +55,7 @@ export async function handleDelete(
     return { result: released(context, request, ip, state ?? "unknown") };
   }
   if (state === LeaseState.Quarantined) {
+    await resetQuarantinedPod(context, request, current.record);
     return {
       result: released(context, request, ip, state, current.record.reason),
     };
@@ -99,6 +102,44 @@ export async function handleDelete(
     result: released(context, request, ip, LeaseState.Releasing),
     after: () => finishRelease(context, ip, lease.record.allocationId, pinned),
   };
+}
+
+/**
+ * A VM quarantined while it held this pod (an operator action, a failed
+ * probe) still holds the pod's user-data: write the reboot trigger, pinned
+ * to the key seen at delivery, so the VM resets; it stays quarantined until
+ * the prober (or an operator) finds it clean. NOT_OWNER for a delete naming
+ * another allocation.
+ */
+async function resetQuarantinedPod(
+  context: AgentContext,
+  request: DeleteRequest,
+  record: LeaseRecord,
+): Promise<void> {
+  const owner = record.allocationId;
+  if (owner === undefined || record.hostKey === undefined) {
+    return;
+  }
+  if (request.allocationId !== undefined && request.allocationId !== owner) {
+    throw new NotOwnerError(
+      `ip ${record.ip} was leased to allocation ${owner}, not ${request.allocationId}; nothing done`,
+    );
+  }
+  try {
+    await context.delivery.triggerReboot(record.ip, {
+      deadline: new Date(Date.now() + 3 * context.connectTimeoutMs),
+      pinnedFingerprint: record.hostKey.fingerprint,
+    });
+    context.logger.info(
+      { ip: record.ip, allocationId: owner },
+      "reboot trigger written to a quarantined VM that held the pod",
+    );
+  } catch (error) {
+    context.logger.warn(
+      { ip: record.ip, err: errorFields(error) },
+      "could not reboot a quarantined VM that held the pod; it stays quarantined",
+    );
+  }
 }
 
 /**

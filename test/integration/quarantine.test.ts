@@ -145,6 +145,40 @@ describe("quarantine: unfit VMs leave the pool and come back when healthy", () =
     });
   });
 
+  it("reboots a VM quarantined while it held a pod when that pod is deleted", async () => {
+    const created = await stack.publisher.createInstance({
+      podName: "held-1",
+      sandboxId: "s",
+      userData,
+    });
+    const ip = created.instance.id;
+    const bootsBefore = stack.vms.sandbox.vm(ip).boots;
+    await stack.agent.leases.quarantine(ip, "operator: check while in use");
+
+    await assert.rejects(
+      stack.publisher.deleteInstance({
+        instanceId: ip,
+        allocationId: "someone-else",
+      }),
+      /NOT_OWNER|was leased to allocation held-1-s/,
+    );
+    assert.equal(stack.vms.sandbox.vm(ip).boots, bootsBefore);
+
+    const deleted = await stack.publisher.deleteInstance({
+      instanceId: ip,
+      allocationId: created.allocationId,
+    });
+    assert.equal(deleted.release.state, "quarantined");
+    await waitFor(() => stack.vms.sandbox.vm(ip).boots === bootsBefore + 1, {
+      timeoutMs: 10_000,
+      what: `${ip} to reboot`,
+    });
+    assert.deepEqual(await stateOf(ip), {
+      state: "quarantined",
+      reason: "operator: check while in use",
+    });
+  });
+
   it("answers POOL_EXHAUSTED when the only VMs left are quarantined", async () => {
     const leases = await stack.agent.leases.list();
     for (const lease of leases.filter(
