@@ -25,3 +25,5 @@ export type {
 export function createLeaseStore(options: LeaseStoreOptions): LeaseStore {
   return new KvLeaseStore(options);
 }
+
+export { createKeyWriter, transitionId, type KeyWriter } from "./cas.js";

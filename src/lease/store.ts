@@ -19,7 +19,8 @@ import {
   leaseKey,
 } from "../protocol/index.js";
 import { LeaseCache } from "./cache.js";
-import { isLostRace, unavailable } from "./kv.js";
+import { createKeyWriter, type KeyWriter } from "./cas.js";
+import { unavailable } from "./kv.js";
 import {
   type AllocationIndex,
   allLeaseStates,
@@ -82,6 +83,7 @@ export class KvLeaseStore implements LeaseStore {
   readonly #pendingTimeoutMs: number;
   readonly #syncTimeoutMs: number;
   #kv: KV | undefined;
+  #writer: KeyWriter | undefined;
   #watch: QueuedIterator<KvWatchEntry> | undefined;
   #watchLoop: Promise<void> | undefined;
   #starting = false;
@@ -117,6 +119,11 @@ export class KvLeaseStore implements LeaseStore {
         // served by a follower that lags; reads through the leader do not.
         allow_direct: false,
       }),
+    );
+    this.#writer = createKeyWriter(
+      this.#options.nc,
+      this.#options.bucket,
+      this.#kv,
     );
     await this.#startWatch(this.#kv);
     await this.#retry("read lease bucket", () => this.#sync());
@@ -932,12 +939,10 @@ export class KvLeaseStore implements LeaseStore {
    * Creates `key` (no `revision`) or replaces it at `revision`. Returns the
    * new revision, or undefined when the key changed meanwhile.
    *
-   * One compare-and-swap in flight per key from this process. nats-server
-   * 2.9 with replicated streams lets two writes with the same expected
-   * revision both succeed when they are proposed together (measured: 29 of
-   * 100 rounds on a 3-node 2.9.10 cluster); queueing them here removes the
-   * race between this agent's own workers. Agents on other nodes need a
-   * server that serialises the check (see docs/operations.md, issue #5).
+   * Each write is exclusive across agents on every server version (see
+   * cas.ts). One write in flight per key from this process on top of that:
+   * workers of one agent that lose a race to each other cost a round trip
+   * each, and queueing them costs none.
    */
   #writeKey(
     kv: KV,
@@ -947,7 +952,7 @@ export class KvLeaseStore implements LeaseStore {
   ): Promise<number | undefined> {
     const previous = this.#writesInFlight.get(key) ?? Promise.resolve();
     const write = previous.then(() =>
-      this.#writeKeyNow(kv, key, value, revision),
+      this.#requireWriter(kv).put(key, encodeJson(value), revision),
     );
     const settled = write.then(
       () => undefined,
@@ -962,34 +967,16 @@ export class KvLeaseStore implements LeaseStore {
     return write;
   }
 
-  async #writeKeyNow(
-    kv: KV,
-    key: string,
-    value: unknown,
-    revision?: number,
-  ): Promise<number | undefined> {
-    const bytes = encodeJson(value);
-    try {
-      return revision === undefined
-        ? await kv.create(key, bytes)
-        : await kv.update(key, bytes, revision);
-    } catch (error) {
-      if (isLostRace(error)) {
-        return undefined;
-      }
-      throw unavailable(`write ${key}`, error);
-    }
-  }
-
   /** Deletes `key` if it is still at `revision`; a lost race is fine. */
   async #deleteKey(kv: KV, key: string, revision: number): Promise<void> {
-    try {
-      await kv.delete(key, { previousSeq: revision });
-    } catch (error) {
-      if (!isLostRace(error)) {
-        throw unavailable(`delete ${key}`, error);
-      }
+    await this.#requireWriter(kv).delete(key, revision);
+  }
+
+  #requireWriter(kv: KV): KeyWriter {
+    if (this.#writer === undefined || kv !== this.#kv) {
+      throw new UnavailableError("lease store is not started");
     }
+    return this.#writer;
   }
 
   #requireKv(): KV {

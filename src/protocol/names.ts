@@ -35,6 +35,14 @@ export const Header = {
 } as const;
 export type Header = (typeof Header)[keyof typeof Header];
 
+/** Header names on lease-bucket writes; see docs/protocol.md. */
+export const LeaseWriteHeader = {
+  /** KV operation marker (`DEL`), as nats.js writes it. */
+  Operation: "KV-Operation",
+} as const;
+export type LeaseWriteHeader =
+  (typeof LeaseWriteHeader)[keyof typeof LeaseWriteHeader];
+
 /** Lease states; see DESIGN §5. */
 export const LeaseState = {
   Free: "free",
