@@ -17,11 +17,15 @@ import {
   type Result,
 } from "../protocol/index.js";
 import type { AgentContext } from "./context.js";
+import { retryFor } from "./retry.js";
 
 /** JetStream's advisory when a message used up its deliveries. */
 function maxDeliveriesSubject(names: ResourceNames): string {
   return `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.${names.stream}.${names.consumer}`;
 }
+
+/** How long settling an abandoned request is retried. */
+const settleRetryMs = 60_000;
 
 /** Agents share the advisory through one queue group: one handles each. */
 const queueGroup = "byom-abandoned";
@@ -37,6 +41,8 @@ export interface AbandonedOptions {
   names: ResourceNames;
   context: AgentContext;
   publish: (result: Result, replyTo: string) => Promise<void>;
+  /** True when the request already has a result. */
+  answered: (requestId: string) => Promise<boolean>;
 }
 
 /**
@@ -61,12 +67,21 @@ export function watchAbandonedRequests(
       if (typeof advisory.stream_seq !== "number") {
         return;
       }
-      void settle(options, advisory.stream_seq, advisory.deliveries ?? 0).catch(
-        (failure: unknown) =>
-          log.error(
-            { err: errorFields(failure), seq: advisory.stream_seq },
-            "could not settle an abandoned request",
+      const seq = advisory.stream_seq;
+      // The advisory comes once: NATS trouble (a stream electing a leader)
+      // is waited out here, or the request would stay unanswered.
+      void retryFor(() => settle(options, seq, advisory.deliveries ?? 0), {
+        forMs: settleRetryMs,
+        onRetry: (failure, pauseMs) =>
+          log.warn(
+            { err: errorFields(failure), seq, pauseMs },
+            "could not settle an abandoned request yet; retrying",
           ),
+      }).catch((failure: unknown) =>
+        log.error(
+          { err: errorFields(failure), seq },
+          "could not settle an abandoned request",
+        ),
       );
     },
   });
@@ -78,15 +93,23 @@ async function settle(
   deliveries: number,
 ): Promise<void> {
   const { jsm, names, context } = options;
-  const stored = await jsm.streams
-    .getMessage(names.stream, { seq })
-    .catch(() => null);
+  // Null when the message is gone (settled by another agent, or acked).
+  const stored = await jsm.streams.getMessage(names.stream, { seq });
   if (stored === null) {
     return;
   }
   const requestId =
     stored.header?.get(Header.MsgId) || requestIdHint(stored.data) || "unknown";
   const log = context.logger.child({ requestId, seq });
+  if (requestId !== "unknown" && (await options.answered(requestId))) {
+    // Served and answered; only its ack was lost (NATS trouble).
+    log.info(
+      { deliveries },
+      "request used up its deliveries after it was answered; removing it",
+    );
+    await jsm.streams.deleteMessage(names.stream, seq);
+    return;
+  }
   log.error(
     { deliveries },
     "request used up its deliveries; answering it and removing it",

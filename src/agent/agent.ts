@@ -10,15 +10,21 @@ import {
   ErrorCode,
   ExpiredError,
   InvalidRequestError,
+  UnavailableError,
   toByomError,
 } from "../errors/index.js";
 import { createTofuPolicy, type HostKeyPolicy } from "../hostkeys/index.js";
-import { createLeaseStore, type LeaseStore } from "../lease/index.js";
+import {
+  createLeaseStore,
+  isLostRace,
+  type LeaseStore,
+} from "../lease/index.js";
 import { errorFields, silentLogger, type Logger } from "../logging/index.js";
 import {
   Header,
   RequestKind,
   decodeRequest,
+  decodeResult,
   requestIdHint,
   type FailureResult,
   type Request,
@@ -33,6 +39,7 @@ import {
   type QueueSettings,
 } from "../transport/index.js";
 import { handleCreate } from "./create.js";
+import { handBackDelayMs, retryFor } from "./retry.js";
 import { handleDelete, type Outcome } from "./delete.js";
 import type { AgentContext } from "./context.js";
 import { SafeEmitter, type AgentEvents } from "./events.js";
@@ -41,6 +48,8 @@ import { takeOutOfService, watchAbandonedRequests } from "./abandoned.js";
 
 /** Tries to get an ack confirmed before relying on redelivery. */
 const ackAttempts = 4;
+/** How long a finished request's answer is retried before handing it back. */
+const answerRetryMs = 20_000;
 
 /** Plain options of an agent; the CLI builds them from the config. */
 export interface AgentOptions {
@@ -211,7 +220,11 @@ class AgentImpl implements Agent {
       jsm,
       names,
       context: this.#context(),
-      publish: (result, replyTo) => this.#publish(result, replyTo),
+      publish: async (result, replyTo) => {
+        await this.#publish(result, replyTo);
+      },
+      answered: async (requestId) =>
+        (await this.#results?.get(requestId))?.operation === "PUT",
     });
     this.#running = true;
     const concurrency = this.#options.concurrency ?? 4;
@@ -312,7 +325,9 @@ class AgentImpl implements Agent {
           { err: errorFields(error) },
           "handing the request back for redelivery",
         );
-        message.nak(this.#aborted ? 0 : 1000);
+        message.nak(
+          this.#aborted ? 0 : handBackDelayMs(message.info.deliveryCount),
+        );
         return;
       }
       outcome = {
@@ -320,8 +335,20 @@ class AgentImpl implements Agent {
       };
     }
 
+    let answered: boolean;
     try {
-      await this.#publish(outcome.result, replyTo);
+      // The work is done: keep trying to answer through a NATS outage (a
+      // result bucket without a leader while a cluster elects one) rather
+      // than hand the request back and do the work again.
+      answered = await retryFor(() => this.#publish(outcome.result, replyTo), {
+        forMs: answerRetryMs,
+        stopped: () => this.#aborted,
+        onRetry: (error, pauseMs) =>
+          log.warn(
+            { err: errorFields(error), pauseMs },
+            "could not publish result; retrying",
+          ),
+      });
     } catch (error) {
       // Unanswered: let the server redeliver (the handlers are idempotent).
       clearInterval(heartbeat);
@@ -329,16 +356,23 @@ class AgentImpl implements Agent {
         { err: errorFields(error) },
         "could not publish result; will be redelivered",
       );
-      message.nak(1000);
+      message.nak(handBackDelayMs(message.info.deliveryCount));
       return;
     }
-    this.#served += 1;
-    this.events.emit("request:done", {
-      result: outcome.result,
-      durationMs: Date.now() - started,
-      ...(outcome.timingsMs ? { timingsMs: outcome.timingsMs } : {}),
-    });
-    logResult(log, outcome.result, Date.now() - started);
+    if (answered) {
+      this.#served += 1;
+      this.events.emit("request:done", {
+        result: outcome.result,
+        durationMs: Date.now() - started,
+        ...(outcome.timingsMs ? { timingsMs: outcome.timingsMs } : {}),
+      });
+      logResult(log, outcome.result, Date.now() - started);
+    } else {
+      log.info(
+        { deliveries: message.info.deliveryCount },
+        "request was answered before; not answering again",
+      );
+    }
 
     if (outcome.after === undefined) {
       clearInterval(heartbeat);
@@ -391,6 +425,19 @@ class AgentImpl implements Agent {
       throw error;
     }
 
+    if (request.kind === RequestKind.Create && message.info.deliveryCount > 1) {
+      // Served and answered, but the ack was lost (NATS trouble): serving
+      // it again could lease a VM for a pod deleted meanwhile.
+      const earlier = await this.#earlierResult(request.requestId);
+      if (earlier !== undefined) {
+        log.info(
+          { deliveries: message.info.deliveryCount },
+          "create was answered before; not serving it again",
+        );
+        return { result: earlier };
+      }
+    }
+
     const context = { ...this.#context(), logger: log };
     if (Date.parse(request.deadline) < Date.now()) {
       const redelivered = message.info.deliveryCount > 1;
@@ -414,14 +461,46 @@ class AgentImpl implements Agent {
       : handleDelete(context, request);
   }
 
-  async #publish(result: Result, replyTo: string): Promise<void> {
+  /** The stored result of `requestId`, if it was answered. */
+  async #earlierResult(requestId: string): Promise<Result | undefined> {
+    let entry;
+    try {
+      entry = await this.#results?.get(requestId);
+    } catch (error) {
+      throw new UnavailableError(
+        `read the result of ${requestId} failed: ${error instanceof Error ? error.message : String(error)}`,
+        { cause: error },
+      );
+    }
+    if (entry === undefined || entry === null || entry.operation !== "PUT") {
+      return undefined;
+    }
+    return decodeResult(entry.value);
+  }
+
+  /**
+   * Answers a request once: the result is created in the result bucket
+   * (compare-and-swap on absence), and only the write that creates it is
+   * sent to the reply subject. Resolves false when the request was
+   * answered before (a redelivery after the ack was lost); the publisher
+   * finds that earlier result in the bucket if its answer was lost too.
+   */
+  async #publish(result: Result, replyTo: string): Promise<boolean> {
     const data = new TextEncoder().encode(JSON.stringify(result));
-    if (result.requestId !== "unknown") {
-      await this.#results?.put(result.requestId, data);
+    if (result.requestId !== "unknown" && this.#results !== undefined) {
+      try {
+        await this.#results.create(result.requestId, data);
+      } catch (error) {
+        if (isLostRace(error)) {
+          return false;
+        }
+        throw error;
+      }
     }
     if (replyTo !== "") {
       this.#options.nc.publish(replyTo, data);
     }
+    return true;
   }
 
   close(): Promise<void> {

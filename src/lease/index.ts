@@ -27,3 +27,4 @@ export function createLeaseStore(options: LeaseStoreOptions): LeaseStore {
 }
 
 export { createKeyWriter, transitionId, type KeyWriter } from "./cas.js";
+export { isLostRace } from "./kv.js";
