@@ -13,8 +13,11 @@ export interface EmbeddedNats {
   readonly url: string;
   readonly port: number;
   readonly storeDir: string;
-  /** Stops the server and keeps its store (for restarts). */
-  stop(): Promise<void>;
+  /**
+   * Stops the server and keeps its store (for restarts). SIGTERM by
+   * default; SIGKILL to simulate a crash.
+   */
+  stop(signal?: "SIGTERM" | "SIGKILL"): Promise<void>;
   /** Starts it again on the same port and store. */
   restart(): Promise<void>;
   /** Stops the server and removes its store; safe to call twice. */
@@ -153,7 +156,9 @@ export async function startEmbeddedNats(
     );
   };
 
-  const stop = async (): Promise<void> => {
+  const stop = async (
+    signal: "SIGTERM" | "SIGKILL" = "SIGTERM",
+  ): Promise<void> => {
     const running = child;
     child = undefined;
     if (
@@ -164,7 +169,7 @@ export async function startEmbeddedNats(
       return;
     }
     const exited = once(running, "exit");
-    running.kill("SIGTERM");
+    running.kill(signal);
     const timer = setTimeout(() => running.kill("SIGKILL"), 5000);
     await exited;
     clearTimeout(timer);

@@ -3,6 +3,8 @@ import { createHash } from "node:crypto";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 
+import { DirectMsgHeaders } from "@nats-io/jetstream";
+import type { KV } from "@nats-io/kv";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 
 import type { LeaseStore } from "../../src/lease/index.js";
@@ -25,12 +27,21 @@ export interface ResultWatch {
   close(): void;
 }
 
-/** Watches `_INBOX.>` on `nc` for results (JetStream acks are skipped). */
+/**
+ * Watches `_INBOX.>` on `nc` (every inbox in the account, not only this
+ * connection's) for results; JetStream acks and stored-message reads are
+ * skipped.
+ */
 export function watchResults(nc: NatsConnection): ResultWatch {
   const answers = new Map<string, Result[]>();
   const subscription: Subscription = nc.subscribe("_INBOX.>");
   void (async () => {
     for await (const message of subscription) {
+      // A read of the result bucket (a direct get answered to some inbox)
+      // carries the stored result too; it is not an answer.
+      if (message.headers?.get(DirectMsgHeaders.Stream)) {
+        continue;
+      }
       let value: unknown;
       try {
         value = message.json();
@@ -62,6 +73,14 @@ export interface InvariantOptions {
   live: Readonly<Record<string, string>>;
   /** sha256 of every user-data that was delivered whole. */
   delivered: ReadonlySet<string>;
+  /**
+   * The result bucket (history 1; only results written to it). With it,
+   * "answered once" means a stored result per request, no result ever
+   * written twice, and at most one on the inboxes: a node that
+   * dies can lose the inbox copy (core NATS), and the publisher then reads
+   * the stored one. Without it, exactly one on the inboxes.
+   */
+  results?: KV;
 }
 
 /**
@@ -82,7 +101,19 @@ export async function assertInvariants(
   ).catch(() => undefined);
   for (const requestId of ids) {
     const answers = options.watch?.answers.get(requestId) ?? [];
-    assert.equal(answers.length, 1, `request ${requestId} answered once`);
+    if (options.results === undefined) {
+      assert.equal(answers.length, 1, `request ${requestId} answered once`);
+      continue;
+    }
+    assert.ok(answers.length <= 1, `request ${requestId} answered once`);
+    const stored = await options.results.get(requestId);
+    assert.equal(stored?.operation, "PUT", `request ${requestId} has a result`);
+  }
+  if (options.results !== undefined) {
+    // The bucket keeps one value per key: as many writes as values means
+    // no result was ever written twice.
+    const { state } = (await options.results.status()).streamInfo;
+    assert.equal(state.last_seq, state.messages, "no result written twice");
   }
 
   const leases = await options.leases.list();
