@@ -141,7 +141,20 @@ export async function assertInvariants(
     "one lease per pool IP",
   );
 
-  for (const vm of options.sandbox.status()) {
+  await assertWholeUserData(options.sandbox, options.delivered);
+}
+
+/**
+ * No partial user-data on any VM: no temp files in any `cidata/`, and a
+ * held user-data is one of `delivered` (sha256), delivered whole. The part
+ * of {@link assertInvariants} that a test without requests or leases (a
+ * delivery on its own) ends with.
+ */
+export async function assertWholeUserData(
+  sandbox: Sandbox,
+  delivered: ReadonlySet<string>,
+): Promise<void> {
+  for (const vm of sandbox.status()) {
     const names: string[] = await readdir(vm.cidataDir).catch(() => []);
     const stray = names.filter(
       (name) => name !== "user-data" && name !== "reboot",
@@ -150,7 +163,7 @@ export async function assertInvariants(
     if (names.includes("user-data")) {
       const held = await readFile(join(vm.cidataDir, "user-data"));
       assert.ok(
-        options.delivered.has(sha256(held)),
+        delivered.has(sha256(held)),
         `user-data on ${vm.ip} is one delivered whole`,
       );
     }

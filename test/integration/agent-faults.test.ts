@@ -20,6 +20,12 @@ import {
   type AgentProcess,
 } from "../helpers/agent-process.js";
 import { startNatsServer, type NatsServer } from "../helpers/nats.js";
+import {
+  assertInvariants,
+  sha256,
+  watchResults,
+  type ResultWatch,
+} from "../helpers/request-invariants.js";
 import { startSandbox, type TestSandbox } from "../helpers/sandbox.js";
 import { waitFor } from "../helpers/wait.js";
 
@@ -68,15 +74,18 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
   const stores: LeaseStore[] = [];
   const stopped = new Set<number>();
   let userData: Buffer;
+  let watch: ResultWatch;
 
   before(async () => {
     server = await startNatsServer();
     vms = await startSandbox({ vms: 3, firstIp: "127.61.0.2" });
     nc = await connect({ servers: server.url });
+    watch = watchResults(nc);
     userData = await readFile(userDataFile);
   });
 
   after(async () => {
+    watch?.close();
     for (const pid of stopped) {
       process.kill(pid, "SIGCONT");
     }
@@ -128,6 +137,28 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     return store;
   }
 
+  /**
+   * The invariants every fault test ends with, on one deployment's bucket:
+   * each request answered once, the live leases exactly `live`, no partial
+   * user-data on any VM (the VMs are shared by the scenarios, which all
+   * deliver the same user-data).
+   */
+  async function invariants(
+    names: ResourceNames,
+    pool: string[],
+    requestIds: string[],
+    live: Record<string, string>,
+  ): Promise<void> {
+    await assertInvariants({
+      leases: await leases(names, pool),
+      sandbox: vms.sandbox,
+      watch,
+      requestIds,
+      live,
+      delivered: new Set([sha256(userData)]),
+    });
+  }
+
   function publisherFor(names: ResourceNames): Publisher {
     return createPublisher({
       nc,
@@ -150,6 +181,7 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
       podName: "kill-1",
       sandboxId: "s",
       userData,
+      requestId: "kill-1-req",
     });
     await first.waitForLog(
       new RegExp(`"ip":"${target.replaceAll(".", "\\.")}".*lease acquired`),
@@ -161,20 +193,11 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     const created = await creating;
     assert.equal(created.instance.id, target);
     const store = await leases(names, pool);
-    const live = (await store.list()).filter(
-      (lease) => lease.record.state !== "free",
-    );
-    assert.deepEqual(
-      live.map((lease) => [
-        lease.record.ip,
-        lease.record.state,
-        lease.record.allocationId,
-      ]),
-      [[target, "ready", "kill-1-s"]],
-    );
+    assert.equal((await store.get(target))?.record.state, "ready");
     const cidata = vms.sandbox.vm(target).cidataDir;
     assert.deepEqual(await readdir(cidata), ["user-data"]);
     assert.deepEqual(await readFile(join(cidata, "user-data")), userData);
+    await invariants(names, pool, ["kill-1-req"], { [target]: "kill-1-s" });
   });
 
   it("answers a request that used up its deliveries, quarantines its VM and removes it from the stream", async () => {
@@ -189,7 +212,12 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     // delivery, and the last one answers the used-up request.
     let current = await agent(env, "node-c");
     const creating = publisherFor(names)
-      .createInstance({ podName: "kill-2", sandboxId: "s", userData })
+      .createInstance({
+        podName: "kill-2",
+        sandboxId: "s",
+        userData,
+        requestId: "kill-2-req",
+      })
       .then(
         () => undefined,
         (error: unknown) => error,
@@ -230,6 +258,7 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
       },
     );
     assert.ok(survivor.child.exitCode === null);
+    await invariants(names, pool, ["kill-2-req"], {});
   });
 
   it("on SIGTERM hands an unfinished request back within the bound, and another agent finishes it", async () => {
@@ -244,6 +273,7 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
       podName: "term-1",
       sandboxId: "s",
       userData,
+      requestId: "term-1-req",
     });
     await first.waitForLog(/"allocationId":"term-1-s".*lease acquired/);
 
@@ -259,17 +289,8 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     const created = await creating;
     assert.equal(created.instance.id, target);
     const store = await leases(names, pool);
-    const live = (await store.list()).filter(
-      (lease) => lease.record.state !== "free",
-    );
-    assert.deepEqual(
-      live.map((lease) => [
-        lease.record.ip,
-        lease.record.state,
-        lease.record.allocationId,
-      ]),
-      [[target, "ready", "term-1-s"]],
-    );
+    assert.equal((await store.get(target))?.record.state, "ready");
+    await invariants(names, pool, ["term-1-req"], { [target]: "term-1-s" });
   });
 
   it("exits at once on a second signal", async () => {
@@ -280,9 +301,12 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
       pool[preferredIndex(allocationIdOf("term-2", "s"), pool.length)]!;
     freeze(target);
     const stubborn = await agent(env, "node-v");
-    void publisherFor(names)
-      .createInstance({ podName: "term-2", sandboxId: "s", userData })
-      .catch(() => undefined);
+    const creating = publisherFor(names).createInstance({
+      podName: "term-2",
+      sandboxId: "s",
+      userData,
+      requestId: "term-2-req",
+    });
     await stubborn.waitForLog(/"allocationId":"term-2-s".*lease acquired/);
 
     stubborn.child.kill("SIGTERM");
@@ -290,6 +314,11 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
     const exit = await stubborn.stop("SIGINT");
     assert.equal(exit, 130);
     thaw(target);
+
+    // Nothing was settled: the request comes back to the next agent.
+    await agent(env, "node-w");
+    assert.equal((await creating).instance.id, target);
+    await invariants(names, pool, ["term-2-req"], { [target]: "term-2-s" });
   });
 
   it("answers EXPIRED to a request whose deadline passed, and leases nothing", async () => {
@@ -302,15 +331,20 @@ describe("agent faults: killed agents, used-up deliveries, expired requests", ()
         podName: "late-1",
         sandboxId: "s",
         userData,
+        requestId: "late-1-req",
         timeoutMs: 1,
       }),
       (error: unknown) =>
         error instanceof ByomError &&
         (error.code === "EXPIRED" || error.code === "UNAVAILABLE"),
     );
-    const live = (await store.list()).filter(
-      (lease) => lease.record.state !== "free",
+    await invariants(names, pool, ["late-1-req"], {});
+    assert.deepEqual(
+      watch.answers
+        .get("late-1-req")
+        ?.map((answer) => (answer.ok ? "ok" : answer.error.code)),
+      ["EXPIRED"],
     );
-    assert.deepEqual(live, []);
+    assert.equal((await store.counts()).free, pool.length);
   });
 });

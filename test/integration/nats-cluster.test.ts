@@ -14,10 +14,10 @@ import { pino } from "pino";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 
 import { createAgent, type Agent } from "../../src/agent/index.js";
-import { ByomError } from "../../src/errors/index.js";
 import { resourceNames } from "../../src/protocol/index.js";
 import { createPublisher, type Publisher } from "../../src/publisher/index.js";
 import { startNatsCluster, type NatsCluster } from "../helpers/cluster.js";
+import { untilAnswered } from "../helpers/load.js";
 import {
   assertInvariants,
   sha256,
@@ -126,32 +126,6 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
     await cluster?.close();
   });
 
-  /**
-   * Sends `send` with one request id; a retryable failure (the answer was
-   * lost to the fault) sends the same id again, which JetStream
-   * de-duplicates, so each request id is answered once.
-   */
-  async function untilAnswered<T>(
-    send: () => Promise<T>,
-    retries: { count: number },
-  ): Promise<T> {
-    const until = Date.now() + 60_000;
-    for (;;) {
-      try {
-        return await send();
-      } catch (error) {
-        if (
-          !(error instanceof ByomError) ||
-          !error.retryable ||
-          Date.now() > until
-        ) {
-          throw error;
-        }
-        retries.count += 1;
-      }
-    }
-  }
-
   /** Waits until every replica of the request stream and both buckets is current. */
   async function replicasCurrent(): Promise<void> {
     const jsm = await jetstreamManager(connections[connections.length - 1]!);
@@ -202,6 +176,7 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
             timeoutMs: 20_000,
           }),
         retries,
+        Date.now() + 60_000,
       ),
     );
     await waitFor(async () => (await agents[1]!.leases.counts()).ready >= 2, {
@@ -247,6 +222,7 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
               timeoutMs: 20_000,
             }),
           retries,
+          Date.now() + 60_000,
         ),
       ),
     );

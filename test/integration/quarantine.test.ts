@@ -4,6 +4,12 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { allocationIdOf, preferredIndex } from "../../src/protocol/index.js";
+import {
+  assertInvariants,
+  sha256,
+  watchResults,
+  type ResultWatch,
+} from "../helpers/request-invariants.js";
 import { startStack, type TestStack } from "../helpers/stack.js";
 import { waitFor } from "../helpers/wait.js";
 
@@ -15,6 +21,8 @@ const userDataFile = new URL(
 describe("quarantine: unfit VMs leave the pool and come back when healthy", () => {
   let stack: TestStack;
   let userData: Buffer;
+  let watch: ResultWatch;
+  const live: Record<string, string> = {};
 
   before(async () => {
     userData = await readFile(userDataFile);
@@ -24,9 +32,11 @@ describe("quarantine: unfit VMs leave the pool and come back when healthy", () =
       prefix: "quarantine",
       agent: { quarantineProbeIntervalMs: 200, readinessTimeoutMs: 600 },
     });
+    watch = watchResults(stack.clientConnection);
   });
 
   after(async () => {
+    watch?.close();
     await stack?.close();
   });
 
@@ -61,9 +71,11 @@ describe("quarantine: unfit VMs leave the pool and come back when healthy", () =
       podName: "down-1",
       sandboxId: "s",
       userData,
+      requestId: "down-1-req",
     });
 
     assert.notEqual(created.instance.id, down);
+    live[created.instance.id] = "down-1-s";
     const quarantined = await stateOf(down);
     assert.equal(quarantined.state, "quarantined");
     assert.match(quarantined.reason ?? "", /^unreachable: /);
@@ -78,6 +90,15 @@ describe("quarantine: unfit VMs leave the pool and come back when healthy", () =
     await waitFor(async () => (await stateOf(down)).state === "free", {
       timeoutMs: 10_000,
       what: `${down} to be unquarantined`,
+    });
+    // The unreachable VM fault is over: every invariant holds.
+    await assertInvariants({
+      leases: stack.agent.leases,
+      sandbox: stack.vms.sandbox,
+      watch,
+      requestIds: ["down-1-req"],
+      live,
+      delivered: new Set([sha256(userData)]),
     });
   });
 

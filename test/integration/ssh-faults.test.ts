@@ -8,6 +8,7 @@ import { after, before, describe, it } from "node:test";
 import { createDelivery, type Delivery } from "../../src/delivery/index.js";
 import { ByomError } from "../../src/errors/index.js";
 import { createTofuPolicy } from "../../src/hostkeys/index.js";
+import { assertWholeUserData, sha256 } from "../helpers/request-invariants.js";
 import { startSandbox, type TestSandbox } from "../helpers/sandbox.js";
 import { waitFor } from "../helpers/wait.js";
 
@@ -100,6 +101,7 @@ describe("SSH faults during delivery", () => {
     });
     assert.deepEqual(await readdir(vm.cidataDir), ["user-data"]);
     assert.deepEqual(await readFile(join(vm.cidataDir, "user-data")), small);
+    await assertWholeUserData(vms.sandbox, new Set([sha256(small)]));
   });
 
   it("ends each attempt on a VM that accepts TCP but never speaks at its timeout", async () => {
@@ -129,5 +131,10 @@ describe("SSH faults during delivery", () => {
         `an attempt held its connection ${heldMs} ms; the timeout is 400 ms`,
       );
     }
+    // The real VM still holds only what the first test delivered whole.
+    const small = await readFile(
+      new URL("../fixtures/userdata/pod-basic.yaml", import.meta.url),
+    );
+    await assertWholeUserData(vms.sandbox, new Set([sha256(small)]));
   });
 });
