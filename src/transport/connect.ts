@@ -1,11 +1,13 @@
 import { readFile } from "node:fs/promises";
 
 import {
+  AuthorizationError,
   connect,
   credsAuthenticator,
   nkeyAuthenticator,
   type NatsConnection,
   type NodeConnectionOptions,
+  UserAuthenticationExpiredError,
 } from "@nats-io/transport-node";
 
 import { ConfigError, UnavailableError } from "../errors/index.js";
@@ -117,13 +119,40 @@ export async function connectNats(
     connection = await connect(settings);
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
+    const where = redactUrls(settings.servers as string[]).join(",");
+    if (
+      error instanceof AuthorizationError ||
+      error instanceof UserAuthenticationExpiredError
+    ) {
+      // The same credentials will be refused again: not worth a retry.
+      throw new ConfigError(
+        `NATS at ${where} refused the connection (${reason}): ${credentialAdvice(options)}`,
+        { cause: error },
+      );
+    }
     throw new UnavailableError(
-      `cannot connect to NATS at ${redactUrls(settings.servers as string[]).join(",")}: ${reason}${connectHint(options, reason)}`,
+      `cannot connect to NATS at ${where}: ${reason}${connectHint(options, reason)}`,
       { cause: error },
     );
   }
   watchStatus(connection, options.logger);
   return connection;
+}
+
+/** Which settings to check when the server refused the credentials. */
+function credentialAdvice(options: NatsConnectOptions): string {
+  const used = [
+    ...(options.user ? ["NATS_USER and NATS_PASSWORD"] : []),
+    ...(options.token ? ["NATS_TOKEN"] : []),
+    ...(options.credsFile ? ["NATS_CREDS"] : []),
+    ...(options.nkeySeedFile ? ["NATS_NKEY_SEED_FILE"] : []),
+    ...(serverList(options.servers).some((url) => /\/\/[^/]*@/.test(url))
+      ? ["the user in NATS_URL"]
+      : []),
+  ];
+  return used.length === 0
+    ? "it requires authentication and none is set (NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED_FILE or NATS_CREDS)"
+    : `check ${used.join(", ")}`;
 }
 
 /** What to check, for failures whose own text does not say. */

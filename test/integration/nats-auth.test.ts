@@ -92,6 +92,20 @@ async function makeCertificates(dir: string): Promise<void> {
   }
 }
 
+/** Refused credentials: a configuration error, not worth a retry. */
+function refused(pattern: RegExp, hidden?: string) {
+  return (error: unknown): boolean => {
+    assert.ok(error instanceof ByomError, String(error));
+    assert.equal(error.name, "ConfigError");
+    assert.equal(error.retryable, false);
+    assert.match(error.message, pattern);
+    if (hidden !== undefined) {
+      assert.ok(!error.message.includes(hidden), "secret hidden");
+    }
+    return true;
+  };
+}
+
 function unavailable(pattern: RegExp, hidden?: string) {
   return (error: unknown): boolean => {
     assert.ok(error instanceof ByomError, String(error));
@@ -228,9 +242,9 @@ describe("NATS authentication and TLS", () => {
         user: "byom",
         password: "not-the-pass-Z9",
       }),
-      unavailable(
+      refused(
         new RegExp(
-          `^cannot connect to NATS at nats://127\\.0\\.0\\.1:${server.port}: .*[Aa]uthorization`,
+          `^NATS at nats://127\\.0\\.0\\.1:${server.port} refused the connection \\(.*[Aa]uthorization.*\\): check NATS_USER and NATS_PASSWORD$`,
         ),
         "not-the-pass-Z9",
       ),
@@ -238,8 +252,8 @@ describe("NATS authentication and TLS", () => {
     const inUrl = `nats://byom:not-the-pass-Z9@127.0.0.1:${server.port}`;
     await assert.rejects(
       connected({ servers: inUrl, name: "wrong-url" }),
-      unavailable(
-        /cannot connect to NATS at nats:\/\/byom:\[redacted\]@127\.0\.0\.1/,
+      refused(
+        /^NATS at nats:\/\/byom:\[redacted\]@127\.0\.0\.1:\d+ refused the connection .*: check the user in NATS_URL$/,
         "not-the-pass-Z9",
       ),
     );
@@ -316,7 +330,12 @@ describe("NATS authentication and TLS", () => {
         name: "stranger",
         nkeySeedFile: strangerFile,
       }),
-      unavailable(/^cannot connect to NATS at nats:\/\/127\.0\.0\.1/),
+      refused(/refused the connection .*: check NATS_NKEY_SEED_FILE$/),
+    );
+    // No credentials at all: the message says which settings exist.
+    await assert.rejects(
+      connected({ servers: server.url, name: "anonymous" }),
+      refused(/: it requires authentication and none is set \(NATS_USER/),
     );
   });
 });
