@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -331,6 +332,40 @@ describe("byom agent, create, delete and pool from the shell", () => {
       const result = await byom(...args);
       assert.equal(result.code, 2, args.join(" "));
       assert.match(result.stderr, /127\.43\.9\.9.*is not in the pool/);
+    }
+  });
+
+  it("exits 2 naming BYOM_HTTP_PORT when the metrics port is taken", async () => {
+    const taken = createServer();
+    taken.listen(0, "127.0.0.1");
+    await once(taken, "listening");
+    const { port } = taken.address() as AddressInfo;
+    try {
+      const result = await new Promise<CliRun>((resolve) => {
+        execFile(
+          process.execPath,
+          [cli, "agent"],
+          {
+            env: { ...env, BYOM_HTTP_PORT: String(port) },
+            timeout: 30_000,
+          },
+          (error, stdout, stderr) =>
+            resolve({
+              code: typeof error?.code === "number" ? error.code : 0,
+              stdout,
+              stderr,
+            }),
+        );
+      });
+      assert.equal(result.code, 2);
+      assert.match(
+        result.stderr,
+        new RegExp(
+          `BYOM_HTTP_PORT=${port}: cannot listen for metrics and health \\(EADDRINUSE\\)`,
+        ),
+      );
+    } finally {
+      taken.close();
     }
   });
 

@@ -97,6 +97,12 @@ export async function runAgent(
             },
           };
         },
+      }).catch((error: unknown) => {
+        const code = (error as NodeJS.ErrnoException).code ?? String(error);
+        throw new ConfigError(
+          `BYOM_HTTP_PORT=${config.httpPort}: cannot listen for metrics and health (${code}); choose a free port, or 0 to turn the HTTP server off`,
+          { cause: error },
+        );
       });
     }
     policy = await createHostKeyPolicy({
