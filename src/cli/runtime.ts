@@ -1,8 +1,14 @@
 import { pino, type Logger } from "pino";
 
+import type { AgentOptions } from "../agent/index.js";
 import type { ByomConfig } from "../config/index.js";
 import { loadPrivateKey, type LoadedPrivateKey } from "../delivery/index.js";
 import { ConfigError, toByomError, type ByomError } from "../errors/index.js";
+import {
+  createUnsealer,
+  loadSealingSeeds,
+  sealingPublicKeyOf,
+} from "../sealing/index.js";
 import type { NatsConnectOptions } from "../transport/index.js";
 import { exitCodeOf, CliExit } from "./exit.js";
 
@@ -131,4 +137,35 @@ export async function loadAgentKey(
       cause: error,
     });
   }
+}
+
+/**
+ * The agent's sealing options from BYOM_SEALING_SEED_FILE and
+ * BYOM_REQUIRE_SEALED. Logs the seed files and public keys, never a seed.
+ */
+export async function loadAgentSealing(
+  config: ByomConfig,
+  logger?: Logger,
+): Promise<Pick<AgentOptions, "unseal" | "requireSealed">> {
+  if (config.sealingSeedFile === "") {
+    if (config.sealedRequired) {
+      throw new ConfigError(
+        "BYOM_REQUIRE_SEALED=true (requireSealed) needs BYOM_SEALING_SEED_FILE (sealingSeedFile): without a seed the agent could open no user-data",
+      );
+    }
+    return { requireSealed: false };
+  }
+  const seeds = await loadSealingSeeds(config.sealingSeedFile);
+  logger?.info(
+    {
+      seedFiles: config.sealingSeedFile,
+      publicKeys: seeds.map((seed) => sealingPublicKeyOf(seed)),
+      requireSealed: config.sealedRequired,
+    },
+    "sealed user-data enabled",
+  );
+  return {
+    unseal: createUnsealer(seeds),
+    requireSealed: config.sealedRequired,
+  };
 }

@@ -1,6 +1,9 @@
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { describe, it } from "node:test";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
 
 interface Run {
   code: number | null;
@@ -77,5 +80,77 @@ describe("byom config check", () => {
     const run = await byom(["config", "check", "--require-pool"], {});
     assert.equal(run.code, 2);
     assert.match(run.stderr, /VM_POOL_IPS is empty/);
+  });
+
+  describe("--agent", () => {
+    let dir: string;
+    let agentEnv: Record<string, string>;
+
+    before(async () => {
+      dir = await mkdtemp(join(tmpdir(), "byom-config-agent-"));
+      const key = join(dir, "id_ed25519");
+      execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", key]);
+      agentEnv = { VM_POOL_IPS: "127.0.0.2", SSH_PRIV_KEY_PATH: key };
+    });
+
+    after(async () => {
+      await rm(dir, { recursive: true, force: true });
+    });
+
+    it("passes with a readable key and no allowlist", async () => {
+      const run = await byom(["config", "check", "--agent"], agentEnv);
+      assert.equal(run.code, 0, run.stderr);
+    });
+
+    it("exits 2 naming SSH_HOST_KEY_ALLOWLIST_DIR when it holds no usable key", async () => {
+      const empty = join(dir, "empty-allowlist");
+      await mkdir(empty);
+      for (const allowlist of [join(dir, "missing"), empty]) {
+        const run = await byom(["config", "check", "--agent"], {
+          ...agentEnv,
+          SSH_HOST_KEY_ALLOWLIST_DIR: allowlist,
+        });
+        assert.equal(run.code, 2, allowlist);
+        assert.match(
+          run.stderr,
+          new RegExp(
+            `SSH_HOST_KEY_ALLOWLIST_DIR \\(sshHostKeyAllowlistDir\\) "${allowlist}": .*the agent would refuse every VM`,
+          ),
+        );
+      }
+    });
+
+    it("warns about skipped allowlist lines and still passes", async () => {
+      const allowlist = join(dir, "allowlist");
+      await mkdir(allowlist);
+      const hostKey = (
+        await readFile(`${join(dir, "id_ed25519")}.pub`, "utf8")
+      ).trim();
+      await writeFile(
+        join(allowlist, "vms.pub"),
+        `${hostKey}\n127.0.0.9 ${hostKey}\n`,
+      );
+      const run = await byom(["config", "check", "--agent", "--json"], {
+        ...agentEnv,
+        SSH_HOST_KEY_ALLOWLIST_DIR: allowlist,
+      });
+      assert.equal(run.code, 0, run.stderr);
+      const report = JSON.parse(run.stdout) as { agentWarnings: string[] };
+      assert.equal(report.agentWarnings.length, 1);
+      assert.match(report.agentWarnings[0]!, /1 line\(s\) skipped/);
+    });
+
+    it("exits 2 naming a sealing seed file that cannot be read", async () => {
+      const seedFile = join(dir, "no-such-seed");
+      const run = await byom(["config", "check", "--agent"], {
+        ...agentEnv,
+        BYOM_SEALING_SEED_FILE: seedFile,
+      });
+      assert.equal(run.code, 2);
+      assert.match(
+        run.stderr,
+        new RegExp(`sealing seed file "${seedFile}" cannot be read: ENOENT`),
+      );
+    });
   });
 });

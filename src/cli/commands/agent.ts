@@ -1,10 +1,6 @@
 import type { Command } from "commander";
 
-import {
-  createAgent,
-  type Agent,
-  type AgentOptions,
-} from "../../agent/index.js";
+import { createAgent, type Agent } from "../../agent/index.js";
 import {
   loadConfig,
   requirePool,
@@ -21,15 +17,11 @@ import {
   startHealthServer,
   type HealthServer,
 } from "../../observability/index.js";
-import {
-  createUnsealer,
-  loadSealingSeeds,
-  sealingPublicKeyOf,
-} from "../../sealing/index.js";
 import { connectNats } from "../../transport/index.js";
 import {
   createRootLogger,
   loadAgentKey,
+  loadAgentSealing,
   natsOptionsFrom,
   untilSignal,
 } from "../runtime.js";
@@ -137,7 +129,7 @@ export async function runAgent(
       releaseTimeoutMs: config.releaseTimeoutMs,
       shutdownTimeoutMs: config.shutdownTimeoutMs,
       quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
-      ...(await sealingOptions(config, logger)),
+      ...(await loadAgentSealing(config, logger)),
       logger,
     });
     metrics.attachAgent(agent);
@@ -150,35 +142,4 @@ export async function runAgent(
     metrics.close();
     await nc.drain().catch(() => nc.close());
   }
-}
-
-/**
- * The agent's sealing options from BYOM_SEALING_SEED_FILE and
- * BYOM_REQUIRE_SEALED. Logs the seed files and public keys, never a seed.
- */
-async function sealingOptions(
-  config: ByomConfig,
-  logger: Logger,
-): Promise<Pick<AgentOptions, "unseal" | "requireSealed">> {
-  if (config.sealingSeedFile === "") {
-    if (config.sealedRequired) {
-      throw new ConfigError(
-        "BYOM_REQUIRE_SEALED=true (requireSealed) needs BYOM_SEALING_SEED_FILE (sealingSeedFile): without a seed the agent could open no user-data",
-      );
-    }
-    return { requireSealed: false };
-  }
-  const seeds = await loadSealingSeeds(config.sealingSeedFile);
-  logger.info(
-    {
-      seedFiles: config.sealingSeedFile,
-      publicKeys: seeds.map((seed) => sealingPublicKeyOf(seed)),
-      requireSealed: config.sealedRequired,
-    },
-    "sealed user-data enabled",
-  );
-  return {
-    unseal: createUnsealer(seeds),
-    requireSealed: config.sealedRequired,
-  };
 }

@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 
-import { loadAgentKey } from "../runtime.js";
+import { loadAgentKey, loadAgentSealing } from "../runtime.js";
 
 import {
   ConfigFileEnv,
@@ -10,6 +10,8 @@ import {
   requirePool,
   type ByomConfig,
 } from "../../config/index.js";
+import { ConfigError } from "../../errors/index.js";
+import { readAllowlistDir } from "../../hostkeys/index.js";
 
 /** Pools longer than this are shortened in the human output. */
 const fullPoolLimit = 20;
@@ -46,7 +48,7 @@ export function registerConfigCommands(program: Command): void {
     .option("--require-pool", "fail when VM_POOL_IPS is empty")
     .option(
       "--agent",
-      "also check what the agent needs: a pool and a readable SSH private key",
+      "also check what the agent needs: a pool, a readable SSH private key, the sealing seeds and a usable host-key allowlist",
     )
     .action(async (options: CheckOptions & { agent?: boolean }) => {
       const loaded = loadConfig(
@@ -55,17 +57,55 @@ export function registerConfigCommands(program: Command): void {
       if (options.requirePool === true || options.agent === true) {
         requirePool(loaded);
       }
+      const notes: string[] = [];
       if (options.agent === true) {
         await loadAgentKey(loaded);
+        await loadAgentSealing(loaded);
+        notes.push(...(await checkAllowlist(loaded)));
       }
 
       const file = options.config ?? configFileFromEnv();
       if (options.json === true) {
-        console.log(JSON.stringify(checkReport(loaded, file), null, 2));
+        console.log(
+          JSON.stringify(
+            { ...checkReport(loaded, file), agentWarnings: notes },
+            null,
+            2,
+          ),
+        );
       } else {
         console.log(formatTable(loaded, file));
+        for (const note of notes) {
+          console.log(`agent warning: ${note}`);
+        }
       }
     });
+}
+
+/**
+ * Reads the allowlist directory as the agent would. No usable key stops
+ * the check (the agent would refuse every VM); skipped lines and mount
+ * warnings are returned, `byom allowlist check` lists them in full.
+ */
+async function checkAllowlist(config: ByomConfig): Promise<string[]> {
+  const dir = config.sshHostKeyAllowlistDir;
+  if (dir === "") {
+    return [];
+  }
+  const read = await readAllowlistDir(dir);
+  if (read.keys.length === 0 || read.problems.length > 0) {
+    throw new ConfigError(
+      `SSH_HOST_KEY_ALLOWLIST_DIR (sshHostKeyAllowlistDir) "${dir}": ${read.problems.join("; ") || "no trusted keys"}; the agent would refuse every VM (byom allowlist check ${dir} shows the details)`,
+    );
+  }
+  return [
+    ...(read.skipped.length > 0
+      ? [
+          `SSH_HOST_KEY_ALLOWLIST_DIR "${dir}": ${read.skipped.length} line(s) skipped (byom allowlist check ${dir} shows them)`,
+        ]
+      : []),
+    ...read.warnings,
+  ];
 }
 
 function configFileFromEnv(): string | undefined {
