@@ -291,7 +291,7 @@ export class KvLeaseStore implements LeaseStore {
   async quarantine(
     ip: string,
     reason: string,
-    options: { expectAllocationId?: string } = {},
+    options: { expectAllocationId?: string; replaceReason?: boolean } = {},
   ): Promise<Lease> {
     const kv = this.#requireKv();
     const canonical = requireIp(ip);
@@ -300,7 +300,18 @@ export class KvLeaseStore implements LeaseStore {
     const lease = await this.#mutate(kv, canonical, (current) => {
       const record = this.#requireKnown(canonical, current)?.record;
       if (record?.state === LeaseState.Quarantined) {
-        return { done: current };
+        if (options.replaceReason !== true || record.reason === reason) {
+          return { done: current };
+        }
+        // Same state, same since: only who says why changes.
+        return {
+          write: {
+            ...record,
+            reason: String(reason),
+            agent: this.#options.agent,
+            updatedAt: now(),
+          },
+        };
       }
       if (
         expected !== undefined &&

@@ -147,12 +147,14 @@ export interface LeaseStore {
    * Any state → `quarantined` with reason and time; a quarantined IP is
    * never leased. Unbinds the allocation (its next acquire picks another
    * IP). `NotOwnerError` when `expectAllocationId` is given and another
-   * allocation owns the lease. Already quarantined: returned unchanged.
+   * allocation owns the lease. Already quarantined: returned unchanged,
+   * unless `replaceReason` (an operator's quarantine): then only the
+   * reason changes, so an operator's reason replaces an automatic one.
    */
   quarantine(
     ip: string,
     reason: string,
-    options?: { expectAllocationId?: string },
+    options?: { expectAllocationId?: string; replaceReason?: boolean },
   ): Promise<Lease>;
   /**
    * `claimed`/`ready` → `releasing`, keeping owner and host key. Returns

@@ -264,6 +264,27 @@ describe("lease store", () => {
     );
   });
 
+  it("keeps the first reason of a quarantine unless the new one replaces it", async (t) => {
+    const [ip] = pool("127.0.1", 1, 1);
+    const store = await startStore(t, server.url, {
+      bucket: uniqueBucket(),
+      pool: [ip!],
+      agent: "agent-1",
+    });
+    const first = await store.quarantine(ip!, "unreachable: timeout");
+    const again = await store.quarantine(ip!, "unreachable: refused");
+    assert.equal(again.record.reason, "unreachable: timeout");
+    assert.equal(again.revision, first.revision);
+
+    const replaced = await store.quarantine(ip!, "operator: disk", {
+      replaceReason: true,
+    });
+    assert.equal(replaced.record.state, "quarantined");
+    assert.equal(replaced.record.reason, "operator: disk");
+    assert.equal(replaced.record.since, first.record.since);
+    assert.equal((await store.get(ip!))?.record.reason, "operator: disk");
+  });
+
   it("reconciles: keeps live leases and orphans, adds new pool IPs, reports orphans", async (t) => {
     const bucket = uniqueBucket();
     const [a, b, c, d] = pool("127.0.2", 1, 4) as [

@@ -190,6 +190,8 @@ export function registerPoolCommands(program: Command): void {
           leases.quarantine(
             await poolIp(ip, config, leases),
             `${operatorReasonPrefix} ${options.reason}`,
+            // An automatic quarantine would be ended by the prober.
+            { replaceReason: true },
           ),
         );
         printLease(lease, options.json === true, "quarantined");
