@@ -223,8 +223,7 @@ class AgentImpl implements Agent {
       publish: async (result, replyTo) => {
         await this.#publish(result, replyTo);
       },
-      answered: async (requestId) =>
-        (await this.#results?.get(requestId))?.operation === "PUT",
+      answered: (requestId) => this.#answered(requestId),
     });
     this.#running = true;
     const concurrency = this.#options.concurrency ?? 4;
@@ -272,7 +271,13 @@ class AgentImpl implements Agent {
       connectTimeoutMs: this.#options.ssh.connectTimeoutMs,
       ...(this.#options.unseal ? { unseal: this.#options.unseal } : {}),
       requireSealed: this.#options.requireSealed ?? false,
+      answered: (requestId) => this.#answered(requestId),
     };
+  }
+
+  /** Whether the result bucket holds a result for `requestId`. */
+  async #answered(requestId: string): Promise<boolean> {
+    return (await this.#results?.get(requestId))?.operation === "PUT";
   }
 
   async #work(consumer: Consumer): Promise<void> {

@@ -20,4 +20,6 @@ export interface AgentContext {
   readonly unseal?: (sealed: SealedUserData) => string;
   /** Refuse user-data sent in clear. */
   readonly requireSealed: boolean;
+  /** Whether a request has a stored result (absent: no result bucket). */
+  readonly answered?: (requestId: string) => Promise<boolean>;
 }

@@ -1,16 +1,18 @@
 import { createHash } from "node:crypto";
+import { setTimeout as delay } from "node:timers/promises";
 
 import type { ByomError } from "../errors/index.js";
 import {
   ExpiredError,
   HostKeyRejectedError,
   InvalidRequestError,
+  UnavailableError,
   VmUnreachableError,
   toByomError,
 } from "../errors/index.js";
 import { VmNotCleanError, type DeliveryResult } from "../delivery/index.js";
 import type { Lease } from "../lease/index.js";
-import { errorFields } from "../logging/index.js";
+import { errorFields, type Logger } from "../logging/index.js";
 import {
   LeaseState,
   allocationIdOf,
@@ -63,6 +65,22 @@ export async function handleCreate(
     context.emitter.emit("lease:acquired", { ip, allocationId, existing });
     log.info({ ip, existing, state: lease.record.state }, "lease acquired");
 
+    const other = lease.record.requestId;
+    if (
+      existing &&
+      lease.record.state === LeaseState.Claimed &&
+      other !== undefined &&
+      other !== request.requestId &&
+      !(await answered(context, other))
+    ) {
+      // Another request of this allocation (a retry sent while the first
+      // still runs) is delivering to this VM: two writers would remove
+      // each other's temp files. Wait for it, then decide again.
+      if (await waitForOtherRequest(context, lease, other, deadline, log)) {
+        continue;
+      }
+    }
+
     if (lease.record.state === LeaseState.Ready && lease.record.hostKey) {
       const held = lease.record.userDataSha256;
       if (held !== undefined && held !== sha256) {
@@ -88,10 +106,12 @@ export async function handleCreate(
     let delivered: DeliveryResult;
     try {
       // A fresh claim must find cidata/ empty; a lease this allocation
-      // already held may hold our own earlier write of the same bytes.
+      // already held may hold our own earlier write of the same bytes,
+      // nothing else (a VM found dirty whose quarantine failed, say).
       delivered = await context.delivery.deliver(ip, data, {
         deadline,
-        requireClean: !existing,
+        requireClean: true,
+        ownEarlierWrite: existing,
       });
     } catch (error) {
       const failure = toByomError(error);
@@ -266,4 +286,54 @@ function success(
     agent: context.agentId,
     finishedAt: new Date().toISOString(),
   };
+}
+
+/** Polling of a lease that another request of the allocation holds. */
+const otherRequestPollMs = { first: 100, max: 1000 };
+
+async function answered(
+  context: AgentContext,
+  requestId: string,
+): Promise<boolean> {
+  return (await context.answered?.(requestId)) ?? false;
+}
+
+/**
+ * Waits while `lease` stays claimed by request `other` and `other` has no
+ * answer. Resolves true when the lease changed (decide again), false when
+ * `other` was answered without finishing (this request takes the claim
+ * over). ExpiredError at `deadline`.
+ */
+async function waitForOtherRequest(
+  context: AgentContext,
+  lease: Lease,
+  other: string,
+  deadline: Date,
+  log: Logger,
+): Promise<boolean> {
+  const ip = lease.record.ip;
+  log.info(
+    { ip, otherRequestId: other },
+    "another request of this allocation is delivering; waiting for it",
+  );
+  let pause = otherRequestPollMs.first;
+  for (;;) {
+    if (Date.now() + pause > deadline.getTime()) {
+      throw new ExpiredError(
+        `reached the deadline ${deadline.toISOString()} while request ${other} of the same allocation was still delivering to VM ${ip}`,
+      );
+    }
+    await delay(pause);
+    pause = Math.min(pause * 2, otherRequestPollMs.max);
+    if (context.closing()) {
+      throw new UnavailableError("agent shutting down");
+    }
+    const now = await context.leases.get(ip);
+    if (now?.revision !== lease.revision) {
+      return true;
+    }
+    if (await answered(context, other)) {
+      return false;
+    }
+  }
 }

@@ -62,12 +62,28 @@ export async function handleDelete(
   }
 
   const wasReleasing = state === LeaseState.Releasing;
-  const lease = await context.leases.beginRelease(ip, request.allocationId);
+  const lease = await context.leases.beginRelease(
+    ip,
+    request.allocationId,
+    request.requestId,
+  );
   if (lease === undefined) {
     return { result: released(context, request, ip, LeaseState.Free) };
   }
+  const releasedBy = lease.record.releaseRequestId;
+  if (releasedBy !== undefined && releasedBy !== request.requestId) {
+    // That delete writes the trigger and frees the VM once it has reset;
+    // writing again could meet the VM already rebooted with new keys.
+    log.info(
+      { releasedBy },
+      "another delete is releasing this VM; leaving the reboot to it",
+    );
+    return { result: released(context, request, ip, lease.record.state) };
+  }
   const pinned = lease.record.hostKey?.fingerprint;
 
+  // This delete moved the lease to releasing now, or is served again
+  // after its agent died (then the trigger may be written already).
   if (!wasReleasing || (await triggerMissing(context, ip, pinned))) {
     const triggerDeadline = new Date(
       Math.min(

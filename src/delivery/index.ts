@@ -109,7 +109,8 @@ export interface Delivery {
    *   (DELIVERY_FAILED) when an SFTP step fails or `signal` aborts;
    *   ExpiredError (EXPIRED) when the deadline passed before the first try;
    *   VmNotCleanError (DELIVERY_FAILED) when `requireClean` is set and
-   *   cidata/ already holds user-data (checked on the same connection).
+   *   cidata/ already holds user-data (checked on the same connection)
+   *   other than `data` itself when `ownEarlierWrite` is set.
    */
   deliver(
     ip: string,
@@ -120,6 +121,11 @@ export interface Delivery {
       signal?: AbortSignal;
       /** Refuse a VM whose cidata/ still holds user-data. */
       requireClean?: boolean;
+      /**
+       * With `requireClean`: user-data equal to `data` is this lease's own
+       * earlier write (a request served again), not a VM that never reset.
+       */
+      ownEarlierWrite?: boolean;
     },
   ): Promise<DeliveryResult>;
 
@@ -283,6 +289,7 @@ class SshDelivery implements Delivery {
       pinnedFingerprint?: string;
       signal?: AbortSignal;
       requireClean?: boolean;
+      ownEarlierWrite?: boolean;
     },
   ): Promise<DeliveryResult> {
     this.#assertOpen();
@@ -296,7 +303,11 @@ class SshDelivery implements Delivery {
       options,
       async (attempt) => {
         const uploadStarted = performance.now();
-        await this.#prepareCidata(attempt, options.requireClean === true);
+        await this.#prepareCidata(
+          attempt,
+          options.requireClean === true,
+          options.ownEarlierWrite === true ? { data, sha256 } : undefined,
+        );
         const key = await this.#writeUserData(attempt, data);
         return {
           key,
@@ -331,18 +342,24 @@ class SshDelivery implements Delivery {
   /**
    * Lists cidata/ on the delivery connection: removes temp files an
    * interrupted earlier attempt left, and (when `requireClean`) refuses a
-   * VM that still holds user-data (it never reset).
+   * VM that still holds user-data (it never reset), unless that user-data
+   * is `own` (this lease's earlier write: same size and sha256).
    */
   async #prepareCidata(
     { ip, session }: Attempt,
     requireClean: boolean,
+    own: { data: Buffer; sha256: string } | undefined,
   ): Promise<void> {
     const entries = await sftpCalls
       .readdir(session.sftp, RemotePath.cidataDir)
       .catch((error: unknown) => {
         throw session.fail(`list ${RemotePath.cidataDir}`, error);
       });
-    if (requireClean && entries.includes(userDataName)) {
+    if (
+      requireClean &&
+      entries.includes(userDataName) &&
+      !(own !== undefined && (await holdsOwn(session, own)))
+    ) {
       throw new VmNotCleanError(
         `vm ${ip} still holds ${RemotePath.userData} from an earlier pod: it never reset`,
       );
@@ -850,4 +867,28 @@ function describeClientKey(
     );
   }
   return { type: key.type, fingerprint: fingerprintOf(key.getPublicSSH()) };
+}
+
+/**
+ * Whether cidata/user-data is `own`: same size (from a stat), then the
+ * same sha256 (read only when the sizes match).
+ */
+async function holdsOwn(
+  session: Session,
+  own: { data: Buffer; sha256: string },
+): Promise<boolean> {
+  const stats = await sftpCalls
+    .stat(session.sftp, RemotePath.userData)
+    .catch((error: unknown) => {
+      throw session.fail(`stat ${RemotePath.userData}`, error);
+    });
+  if (stats.size !== own.data.length) {
+    return false;
+  }
+  const held = await sftpCalls
+    .readFile(session.sftp, RemotePath.userData)
+    .catch((error: unknown) => {
+      throw session.fail(`read ${RemotePath.userData}`, error);
+    });
+  return createHash("sha256").update(held).digest("hex") === own.sha256;
 }

@@ -295,6 +295,13 @@ export const sftpCalls = {
       );
     });
   },
+  readFile(sftp: SFTPWrapper, path: string) {
+    return new Promise<Buffer>((resolve, reject) => {
+      sftp.readFile(path, (error: Error | undefined, data: Buffer) =>
+        error ? reject(error) : resolve(data),
+      );
+    });
+  },
   unlink(sftp: SFTPWrapper, path: string) {
     return new Promise<void>((resolve, reject) => {
       sftp.unlink(path, (error) => (error ? reject(error) : resolve()));

@@ -159,6 +159,7 @@ export function parseLeaseRecord(
     "agent",
     "reason",
     "userDataSha256",
+    "releaseRequestId",
   ]) {
     if (value[field] !== undefined && typeof value[field] !== "string") {
       return undefined;

@@ -345,6 +345,7 @@ export class KvLeaseStore implements LeaseStore {
   async beginRelease(
     ip: string,
     allocationId?: string,
+    requestId?: string,
   ): Promise<Lease | undefined> {
     const kv = this.#requireKv();
     const canonical = requireIp(ip);
@@ -366,7 +367,14 @@ export class KvLeaseStore implements LeaseStore {
       if (record.state === LeaseState.Releasing) {
         return { done: current };
       }
-      return { write: withState(record, LeaseState.Releasing, now()) };
+      return {
+        write: withState(
+          record,
+          LeaseState.Releasing,
+          now(),
+          requestId === undefined ? {} : { releaseRequestId: requestId },
+        ),
+      };
     });
     if (lease?.record.state === LeaseState.Releasing) {
       this.#log.info(

@@ -21,6 +21,8 @@ export interface LeaseRecord {
   hostKey?: { type: string; fingerprint: string };
   /** sha256 (hex) of the user-data delivered; set with `ready`. */
   userDataSha256?: string;
+  /** Request id of the delete that moved the lease to `releasing`. */
+  releaseRequestId?: string;
   /** Why the lease was quarantined or freed. */
   reason?: string;
   /** ISO time the current state was entered. */
@@ -162,7 +164,11 @@ export interface LeaseStore {
    * `quarantined` lease is returned unchanged. `NotOwnerError` when
    * `allocationId` is given and another allocation owns the lease.
    */
-  beginRelease(ip: string, allocationId?: string): Promise<Lease | undefined>;
+  beginRelease(
+    ip: string,
+    allocationId?: string,
+    requestId?: string,
+  ): Promise<Lease | undefined>;
   /**
    * `releasing` (or a state in `from`) → `free`, clearing owner, host key
    * and the allocation index. A free lease is returned unchanged; a lease

@@ -69,7 +69,7 @@ export interface InvariantOptions {
   /** Results seen, and the request ids that must each have one answer. */
   watch?: ResultWatch;
   requestIds?: readonly string[];
-  /** Live leases expected now, `ip -> allocation id`. */
+  /** Live (claimed, ready, releasing) leases expected now, `ip -> allocation id`. */
   live: Readonly<Record<string, string>>;
   /** sha256 of every user-data that was delivered whole. */
   delivered: ReadonlySet<string>;
@@ -121,7 +121,13 @@ export async function assertInvariants(
   const live: Record<string, string> = {};
   for (const lease of leases) {
     const { ip, state, allocationId } = lease.record;
-    if (state === "free" || allocationId === undefined) {
+    // A quarantined lease keeps its last owner for the record; it is
+    // never leased, so it owns nothing.
+    if (
+      state === "free" ||
+      state === "quarantined" ||
+      allocationId === undefined
+    ) {
       continue;
     }
     live[ip] = allocationId;

@@ -224,12 +224,14 @@ describe("provisioning end to end on sandbox VMs", () => {
     });
     const ip = created.instance.id;
     const bootsBefore = sandbox.vm(ip).boots;
-    // What an agent killed between marking the lease and writing the trigger leaves.
-    await agent.leases.beginRelease(ip, created.allocationId);
+    // What an agent killed between marking the lease and writing the
+    // trigger leaves; the same delete request then comes back.
+    await agent.leases.beginRelease(ip, created.allocationId, "web-6-delete");
 
     const deleted = await publisher.deleteInstance({
       instanceId: ip,
       allocationId: created.allocationId,
+      requestId: "web-6-delete",
     });
 
     assert.equal(deleted.release.state, "releasing");

@@ -1,0 +1,239 @@
+/*
+ * Several requests for one allocation at once (a retry sent while the
+ * first still runs), deletes racing each other, and a request served
+ * again on a VM found dirty: one writer per VM, no false quarantine, no
+ * delivery onto a VM that never reset.
+ */
+import assert from "node:assert/strict";
+import { readFile, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+
+import { Kvm, type KV } from "@nats-io/kv";
+
+import type { ClaimRequest } from "../../src/lease/index.js";
+import {
+  assertInvariants,
+  sha256,
+  watchResults,
+  type ResultWatch,
+} from "../helpers/request-invariants.js";
+import { startStack, type TestStack } from "../helpers/stack.js";
+import { waitFor } from "../helpers/wait.js";
+
+const fixtures = new URL("../fixtures/userdata/", import.meta.url);
+
+describe("one allocation, several requests at once", () => {
+  let stack: TestStack;
+  let userData: Buffer;
+  let watch: ResultWatch;
+  let results: KV;
+  const quarantined: string[] = [];
+  const live: Record<string, string> = {};
+  const requestIds: string[] = [];
+
+  before(async () => {
+    userData = await readFile(new URL("pod-basic.yaml", fixtures));
+    stack = await startStack({
+      vms: 4,
+      firstIp: "127.64.0.2",
+      prefix: "sameall",
+      agent: { concurrency: 4, quarantineProbeIntervalMs: 0 },
+    });
+    watch = watchResults(stack.clientConnection);
+    results = await new Kvm(stack.clientConnection).open(
+      stack.names.resultBucket,
+    );
+    stack.agent.events.on("lease:quarantined", ({ ip, reason }) =>
+      quarantined.push(`${ip}: ${reason}`),
+    );
+  });
+
+  after(async () => {
+    watch?.close();
+    await stack?.close();
+  });
+
+  function claim(podName: string, requestId: string): ClaimRequest {
+    return {
+      allocationId: `${podName}-s`,
+      requestId,
+      podName,
+      podNamespace: "default",
+      requestingNode: "node-a",
+    };
+  }
+
+  async function invariants(): Promise<void> {
+    await assertInvariants({
+      leases: stack.agent.leases,
+      sandbox: stack.vms.sandbox,
+      watch,
+      requestIds,
+      live,
+      delivered: new Set([sha256(userData)]),
+    });
+  }
+
+  it("gives three creates of one allocation sent at once the same VM, delivered once at a time", async () => {
+    const ids = ["dup-a", "dup-b", "dup-c"];
+    requestIds.push(...ids);
+    const created = await Promise.all(
+      ids.map((requestId) =>
+        stack.publisher.createInstance({
+          podName: "dup",
+          sandboxId: "s",
+          userData,
+          requestId,
+        }),
+      ),
+    );
+
+    const ips = new Set(created.map((result) => result.instance.id));
+    assert.equal(ips.size, 1, `one VM for all: ${[...ips].join(", ")}`);
+    const [ip] = ips;
+    live[ip!] = "dup-s";
+    assert.deepEqual(quarantined, []);
+    assert.equal((await stack.agent.leases.get(ip!))?.record.state, "ready");
+    await invariants();
+  });
+
+  it("lets one of two deletes sent at once reboot the VM; the other reports it releasing", async () => {
+    const ip = Object.keys(live)[0]!;
+    const bootsBefore = stack.vms.sandbox.vm(ip).boots;
+    const ids = ["dup-del-a", "dup-del-b"];
+    requestIds.push(...ids);
+
+    const deleted = await Promise.all(
+      ids.map((requestId) =>
+        stack.publisher.deleteInstance({
+          instanceId: ip,
+          allocationId: "dup-s",
+          requestId,
+        }),
+      ),
+    );
+
+    assert.deepEqual(
+      deleted.map((result) => result.release.state),
+      ["releasing", "releasing"],
+    );
+    await waitFor(
+      async () => (await stack.agent.leases.get(ip))?.record.state === "free",
+      { timeoutMs: 20_000, what: `${ip} to reset and be free` },
+    );
+    assert.equal(stack.vms.sandbox.vm(ip).boots, bootsBefore + 1);
+    assert.deepEqual(quarantined, []);
+    delete live[ip];
+    await invariants();
+  });
+
+  it("waits for another request of the allocation that holds the claim, then finishes", async () => {
+    const { lease } = await stack.agent.leases.acquire(
+      claim("slow", "slow-first"),
+    );
+    const ip = lease.record.ip;
+    requestIds.push("slow-second");
+    let finishedAt: number | undefined;
+    const second = stack.publisher
+      .createInstance({
+        podName: "slow",
+        sandboxId: "s",
+        userData,
+        requestId: "slow-second",
+      })
+      .then((result) => {
+        finishedAt = Date.now();
+        return result;
+      });
+
+    // The claim holder has no answer: the second request must not write.
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.equal(finishedAt, undefined, "the second request waited");
+    assert.deepEqual(
+      await readFile(join(stack.vms.sandbox.vm(ip).cidataDir, "user-data"))
+        .then(() => ["user-data"])
+        .catch(() => []),
+      [],
+    );
+    // The first request gives its claim back (it failed): decide again.
+    const releasedAt = Date.now();
+    await stack.agent.leases.free(ip, {
+      from: ["claimed"],
+      allocationId: "slow-s",
+    });
+
+    const result = await second;
+    assert.ok(finishedAt! >= releasedAt);
+    live[result.instance.id] = "slow-s";
+    assert.deepEqual(quarantined, []);
+    await invariants();
+  });
+
+  it("takes over the claim of an answered request of the allocation", async () => {
+    const { lease } = await stack.agent.leases.acquire(
+      claim("late", "late-first"),
+    );
+    const ip = lease.record.ip;
+    // What an expired first request leaves: its answer, and its claim.
+    await results.put(
+      "late-first",
+      JSON.stringify({
+        v: 1,
+        requestId: "late-first",
+        ok: false,
+        error: { code: "EXPIRED", message: "expired", retryable: true },
+        agent: "test",
+        finishedAt: new Date().toISOString(),
+      }),
+    );
+
+    requestIds.push("late-second");
+    const result = await stack.publisher.createInstance({
+      podName: "late",
+      sandboxId: "s",
+      userData,
+      requestId: "late-second",
+    });
+
+    assert.equal(result.instance.id, ip);
+    live[ip] = "late-s";
+    await invariants();
+  });
+
+  it("does not deliver onto a VM that never reset when a request is served again", async () => {
+    // A first try claimed the VM, found it dirty, and could not quarantine
+    // it (NATS trouble): the request comes back with its claim in place.
+    const { lease } = await stack.agent.leases.acquire(
+      claim("dirty", "dirty-req"),
+    );
+    const dirty = lease.record.ip;
+    const foreign = Buffer.from("#cloud-config\nwrite_files: []\n");
+    await writeFile(
+      join(stack.vms.sandbox.vm(dirty).cidataDir, "user-data"),
+      foreign,
+    );
+
+    requestIds.push("dirty-req");
+    const result = await stack.publisher.createInstance({
+      podName: "dirty",
+      sandboxId: "s",
+      userData,
+      requestId: "dirty-req",
+    });
+
+    assert.notEqual(result.instance.id, dirty);
+    assert.match(quarantined.join("\n"), /never reset/);
+    const held = await stack.agent.leases.get(dirty);
+    assert.equal(held?.record.state, "quarantined");
+    live[result.instance.id] = "dirty-s";
+    await assertInvariants({
+      leases: stack.agent.leases,
+      sandbox: stack.vms.sandbox,
+      watch,
+      requestIds,
+      live,
+      delivered: new Set([sha256(userData), sha256(foreign)]),
+    });
+  });
+});
