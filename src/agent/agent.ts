@@ -25,6 +25,7 @@ import {
   RequestKind,
   decodeRequest,
   decodeResult,
+  requestDigest,
   requestIdHint,
   type FailureResult,
   type Request,
@@ -318,9 +319,10 @@ class AgentImpl implements Agent {
       "unknown";
     const log = this.#logger.child({ requestId, subject: message.subject });
     let outcome: Outcome;
+    const seen: { digest?: string } = {};
 
     try {
-      outcome = await this.#process(message, requestId, log);
+      outcome = await this.#process(message, requestId, log, seen);
     } catch (error) {
       if (this.#aborted || this.#shouldHandBack(error, message)) {
         // Shutting down, or NATS trouble with deliveries left: hand the
@@ -337,6 +339,15 @@ class AgentImpl implements Agent {
       }
       outcome = {
         result: failure(requestId, toByomError(error), this.#options.agentId),
+      };
+    }
+    if (
+      seen.digest !== undefined &&
+      outcome.result.requestDigest === undefined
+    ) {
+      outcome = {
+        ...outcome,
+        result: { ...outcome.result, requestDigest: seen.digest },
       };
     }
 
@@ -410,6 +421,7 @@ class AgentImpl implements Agent {
     message: JsMsg,
     requestId: string,
     log: Logger,
+    seen: { digest?: string },
   ): Promise<Outcome> {
     const kind = kindOf(message.subject, this.#options.names);
     this.events.emit("request:received", {
@@ -430,17 +442,29 @@ class AgentImpl implements Agent {
       throw error;
     }
 
-    if (request.kind === RequestKind.Create && message.info.deliveryCount > 1) {
-      // Served and answered, but the ack was lost (NATS trouble): serving
-      // it again could lease a VM for a pod deleted meanwhile.
-      const earlier = await this.#earlierResult(request.requestId);
-      if (earlier !== undefined) {
-        log.info(
-          { deliveries: message.info.deliveryCount },
-          "create was answered before; not serving it again",
-        );
-        return { result: earlier };
-      }
+    seen.digest = requestDigest(request);
+    const earlier = await this.#earlierResult(request.requestId);
+    if (
+      earlier?.requestDigest !== undefined &&
+      earlier.requestDigest !== seen.digest
+    ) {
+      // The id answered another request (reused after JetStream's
+      // duplicate window): serving this one could not be answered, and a
+      // delete would run unasked. Its publisher finds the other digest.
+      log.warn(
+        { answeredKind: earlier.kind },
+        "request id was used before for another request; not serving it",
+      );
+      return { result: earlier };
+    }
+    if (earlier !== undefined && request.kind === RequestKind.Create) {
+      // Served and answered, but the ack was lost (NATS trouble), or sent
+      // again: serving it again could lease a VM for a pod deleted meanwhile.
+      log.info(
+        { deliveries: message.info.deliveryCount },
+        "create was answered before; not serving it again",
+      );
+      return { result: earlier };
     }
 
     const context = { ...this.#context(), logger: log };

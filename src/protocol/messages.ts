@@ -1,8 +1,8 @@
 import { createHash } from "node:crypto";
 
 import type { ErrorCode } from "../errors/index.js";
-import { LeaseKeyPrefix } from "./names.js";
-import { encodeIpKey } from "./ip.js";
+import { LeaseKeyPrefix, RequestKind } from "./names.js";
+import { canonicalIp, encodeIpKey } from "./ip.js";
 
 /** Ask for a pod VM. allocation id = `<podName>-<sandboxId>`. */
 export interface CreateRequest {
@@ -75,6 +75,8 @@ export interface SuccessResult {
   hostKey?: HostKeySeen;
   /** Set by delete: what became of the VM. */
   release?: { state: string; reason?: string };
+  /** {@link requestDigest} of the request answered. */
+  requestDigest?: string;
   agent: string;
   finishedAt: string;
 }
@@ -85,11 +87,32 @@ export interface FailureResult {
   ok: false;
   kind?: "create" | "delete";
   error: ResultError;
+  /** {@link requestDigest} of the request answered, when it was readable. */
+  requestDigest?: string;
   agent?: string;
   finishedAt: string;
 }
 
 export type Result = SuccessResult | FailureResult;
+
+/**
+ * What a request is about, as a sha256 (hex): kind and pod for a create,
+ * kind, IP and allocation for a delete. Not the deadline (a retry sets a
+ * new one) nor the user-data (a sealed retry differs in every byte). A
+ * result carries the digest of the request it answered, so a request id
+ * used again for another request is told apart from a retry.
+ */
+export function requestDigest(request: Request): string {
+  const identity =
+    request.kind === RequestKind.Create
+      ? [request.kind, request.podNamespace, request.podName, request.sandboxId]
+      : [
+          request.kind,
+          canonicalIp(request.instanceId) ?? request.instanceId,
+          request.allocationId ?? "",
+        ];
+  return createHash("sha256").update(JSON.stringify(identity)).digest("hex");
+}
 
 /** The allocation id of a pod, as upstream builds it. */
 export function allocationIdOf(podName: string, sandboxId: string): string {
@@ -102,8 +125,8 @@ export function instanceOf(ip: string): Instance {
 }
 
 /** KV key of the lease on a canonical IP. */
-export function leaseKey(canonicalIp: string): string {
-  return `${LeaseKeyPrefix.Ip}${encodeIpKey(canonicalIp)}`;
+export function leaseKey(ip: string): string {
+  return `${LeaseKeyPrefix.Ip}${encodeIpKey(ip)}`;
 }
 
 /** KV key of the index entry of an allocation id (validated chars only). */

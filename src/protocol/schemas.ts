@@ -209,6 +209,12 @@ export const resultSchema = {
         retryable: { type: "boolean" },
       },
     },
+    requestDigest: {
+      description:
+        "sha256 (hex) of what the answered request is about: a publisher that finds another digest under its request id was answered for another request",
+      type: "string",
+      pattern: "^[0-9a-f]{64}$",
+    },
     agent: { type: "string" },
     finishedAt: { type: "string", format: "date-time" },
   },

@@ -25,6 +25,7 @@ import {
   canonicalIp,
   parseUserData,
   decodeResult,
+  requestDigest,
   requestSubject,
   showValue,
   validateRequest,
@@ -262,6 +263,7 @@ class PublisherImpl implements Publisher {
           `no result for request ${request.requestId} within ${timeoutMs} ms; is an agent running? (retry with the same request id)`,
         );
       }
+      expectSameRequest(request, result);
       return expectSuccess(result);
     } catch (error) {
       if (error instanceof ByomError) {
@@ -331,6 +333,26 @@ async function withTimeout<T>(
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * A result under this request id that answered another request (the id
+ * was used before) is refused: printing it would name the wrong pod.
+ */
+function expectSameRequest(request: Request, result: Result): void {
+  if (
+    result.requestDigest === undefined ||
+    result.requestDigest === requestDigest(request)
+  ) {
+    return;
+  }
+  const answered =
+    result.kind === undefined
+      ? "another request"
+      : `another ${result.kind}${result.ok && result.allocationId ? ` (allocation ${result.allocationId})` : ""}`;
+  throw new InvalidRequestError(
+    `request id ${request.requestId} was used before for ${answered}; send this ${request.kind} with a new request id`,
+  );
 }
 
 function expectSuccess(result: Result): SuccessResult {
