@@ -4,6 +4,7 @@ import type { AgentOptions } from "../agent/index.js";
 import type { ByomConfig } from "../config/index.js";
 import { loadPrivateKey, type LoadedPrivateKey } from "../delivery/index.js";
 import { ConfigError, toByomError, type ByomError } from "../errors/index.js";
+import { errorFields } from "../logging/index.js";
 import {
   createUnsealer,
   loadSealingSeeds,
@@ -38,13 +39,21 @@ export function createRootLogger(
     level: settings.logLevel,
     base: { service: "byom" },
     timestamp: pino.stdTimeFunctions.isoTime,
+    // Code logs `err: errorFields(error)` (type, message, code, cause):
+    // pino's own serializer would turn that plain object into
+    // {"type":"Object",...}; an Error logged directly gets the same fields.
+    serializers: {
+      err: (value: unknown) =>
+        value instanceof Error ? errorFields(value) : value,
+    },
   };
   if (settings.logFormat === "pretty") {
     return pino({
       ...options,
       transport: {
         target: "pino-pretty",
-        options: { destination: 2, colorize: true },
+        // Colours only for a terminal, not for a file or a pipe.
+        options: { destination: 2, colorize: process.stderr.isTTY === true },
       },
     });
   }

@@ -7,6 +7,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
+import { jetstream } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+
+import { requestSubject, resourceNames } from "../../src/protocol/index.js";
 import { createSandbox, type Sandbox } from "../../src/sandbox/index.js";
 import { startNatsServer, type NatsServer } from "../helpers/nats.js";
 import { waitFor } from "../helpers/wait.js";
@@ -366,6 +370,34 @@ describe("byom agent, create, delete and pool from the shell", () => {
       );
     } finally {
       taken.close();
+    }
+  });
+
+  it("logs errors with their class, message and code", async () => {
+    // A request the agent cannot decode is logged with its error.
+    const nc = await connect({ servers: server.url });
+    try {
+      await jetstream(nc).publish(
+        requestSubject(resourceNames({}), "create"),
+        "{not json",
+      );
+    } finally {
+      await nc.close();
+    }
+    await waitFor(() => agentLog.includes('"msg":"invalid request"'), {
+      what: "the agent to log the invalid request",
+    });
+    const errors = agentLog
+      .split("\n")
+      .filter((line) => line.startsWith("{"))
+      .map((line) => JSON.parse(line) as { err?: Record<string, unknown> })
+      .flatMap((entry) => (entry.err === undefined ? [] : [entry.err]));
+    assert.ok(errors.length > 0, "the runs above logged some errors");
+    for (const err of errors) {
+      assert.notEqual(err.type, "Object");
+      assert.match(String(err.type), /Error$/);
+      assert.equal(typeof err.message, "string");
+      assert.equal(err.stack, undefined);
     }
   });
 
