@@ -187,7 +187,7 @@ function schemaDefinition(): { [K in SettingKey]: Entry<ByomSettings[K]> } {
     sshPubKeyPath: path(
       "SSH_PUB_KEY_PATH",
       "/root/.ssh/id_rsa.pub",
-      "Public key file of the SSH client key",
+      "Public key file of the SSH client key; accepted for the upstream name, not read (the agent derives the public key from SSH_PRIV_KEY_PATH; `byom config check --agent` prints its fingerprint)",
     ),
     sshPrivKeyPath: path(
       "SSH_PRIV_KEY_PATH",

@@ -97,9 +97,21 @@ describe("byom config check", () => {
       await rm(dir, { recursive: true, force: true });
     });
 
-    it("passes with a readable key and no allowlist", async () => {
+    it("passes with a readable key and no allowlist, and says what it checked", async () => {
       const run = await byom(["config", "check", "--agent"], agentEnv);
       assert.equal(run.code, 0, run.stderr);
+      assert.match(
+        run.stdout,
+        /agent checks passed:\n {2}ssh key: \S+id_ed25519 \(ssh-ed25519 SHA256:[A-Za-z0-9+/]{43}\)\n {2}sealed user-data: off\n {2}host keys: trust on first use/,
+      );
+      const json = await byom(
+        ["config", "check", "--agent", "--json"],
+        agentEnv,
+      );
+      const report = JSON.parse(json.stdout) as {
+        agent: { sshKey: { type: string } };
+      };
+      assert.equal(report.agent.sshKey.type, "ssh-ed25519");
     });
 
     it("exits 2 naming SSH_HOST_KEY_ALLOWLIST_DIR when it holds no usable key", async () => {

@@ -12,6 +12,7 @@ import {
 } from "../../config/index.js";
 import { ConfigError } from "../../errors/index.js";
 import { readAllowlistDir } from "../../hostkeys/index.js";
+import { loadSealingSeeds, sealingPublicKeyOf } from "../../sealing/index.js";
 
 /** Pools longer than this are shortened in the human output. */
 const fullPoolLimit = 20;
@@ -58,23 +59,43 @@ export function registerConfigCommands(program: Command): void {
         requirePool(loaded);
       }
       const notes: string[] = [];
+      let agent: AgentReport | undefined;
       if (options.agent === true) {
-        await loadAgentKey(loaded);
+        const key = await loadAgentKey(loaded);
         await loadAgentSealing(loaded);
-        notes.push(...(await checkAllowlist(loaded)));
+        const allowlist = await checkAllowlist(loaded);
+        notes.push(...allowlist.warnings);
+        agent = {
+          sshKey: {
+            path: loaded.sshPrivKeyPath,
+            type: key.type,
+            fingerprint: key.publicFingerprint,
+          },
+          sealingPublicKeys: await sealingPublicKeys(loaded),
+          hostKeys:
+            allowlist.keys === undefined
+              ? "trust on first use (SSH_HOST_KEY_ALLOWLIST_DIR not set)"
+              : `allowlist: ${allowlist.keys} keys in ${loaded.sshHostKeyAllowlistDir}`,
+        };
       }
 
       const file = options.config ?? configFileFromEnv();
       if (options.json === true) {
         console.log(
           JSON.stringify(
-            { ...checkReport(loaded, file), agentWarnings: notes },
+            {
+              ...checkReport(loaded, file),
+              ...(agent ? { agent, agentWarnings: notes } : {}),
+            },
             null,
             2,
           ),
         );
       } else {
         console.log(formatTable(loaded, file));
+        if (agent !== undefined) {
+          console.log(formatAgent(agent));
+        }
         for (const note of notes) {
           console.log(`agent warning: ${note}`);
         }
@@ -87,10 +108,12 @@ export function registerConfigCommands(program: Command): void {
  * the check (the agent would refuse every VM); skipped lines and mount
  * warnings are returned, `byom allowlist check` lists them in full.
  */
-async function checkAllowlist(config: ByomConfig): Promise<string[]> {
+async function checkAllowlist(
+  config: ByomConfig,
+): Promise<{ keys?: number; warnings: string[] }> {
   const dir = config.sshHostKeyAllowlistDir;
   if (dir === "") {
-    return [];
+    return { warnings: [] };
   }
   const read = await readAllowlistDir(dir);
   if (read.keys.length === 0 || read.problems.length > 0) {
@@ -98,14 +121,42 @@ async function checkAllowlist(config: ByomConfig): Promise<string[]> {
       `SSH_HOST_KEY_ALLOWLIST_DIR (sshHostKeyAllowlistDir) "${dir}": ${read.problems.join("; ") || "no trusted keys"}; the agent would refuse every VM (byom allowlist check ${dir} shows the details)`,
     );
   }
+  return {
+    keys: read.keys.length,
+    warnings: [
+      ...(read.skipped.length > 0
+        ? [
+            `SSH_HOST_KEY_ALLOWLIST_DIR "${dir}": ${read.skipped.length} line(s) skipped (byom allowlist check ${dir} shows them)`,
+          ]
+        : []),
+      ...read.warnings,
+    ],
+  };
+}
+
+/** What `config check --agent` found, for people and for `--json`. */
+interface AgentReport {
+  sshKey: { path: string; type: string; fingerprint: string };
+  /** Public keys of the sealing seeds (empty: sealing off). */
+  sealingPublicKeys: string[];
+  hostKeys: string;
+}
+
+async function sealingPublicKeys(config: ByomConfig): Promise<string[]> {
+  if (config.sealingSeedFile === "") {
+    return [];
+  }
+  const seeds = await loadSealingSeeds(config.sealingSeedFile);
+  return seeds.map((seed) => sealingPublicKeyOf(seed));
+}
+
+function formatAgent(agent: AgentReport): string {
   return [
-    ...(read.skipped.length > 0
-      ? [
-          `SSH_HOST_KEY_ALLOWLIST_DIR "${dir}": ${read.skipped.length} line(s) skipped (byom allowlist check ${dir} shows them)`,
-        ]
-      : []),
-    ...read.warnings,
-  ];
+    "agent checks passed:",
+    `  ssh key: ${agent.sshKey.path} (${agent.sshKey.type} ${agent.sshKey.fingerprint})`,
+    `  sealed user-data: ${agent.sealingPublicKeys.length === 0 ? "off" : agent.sealingPublicKeys.join(", ")}`,
+    `  host keys: ${agent.hostKeys}`,
+  ].join("\n");
 }
 
 function configFileFromEnv(): string | undefined {
