@@ -337,6 +337,18 @@ describe("byom agent, create, delete and pool from the shell", () => {
       assert.equal(result.code, 2, args.join(" "));
       assert.match(result.stderr, /127\.43\.9\.9.*is not in the pool/);
     }
+    const notIp = await byom("pool", "release", "nope", "--force");
+    assert.equal(notIp.code, 2);
+    assert.match(
+      notIp.stderr,
+      /argument <ip> must be an IPv4 or IPv6 address \(got "nope"\)/,
+    );
+    const notQuarantined = await byom("pool", "unquarantine", "127.43.0.2");
+    assert.equal(notQuarantined.code, 2);
+    assert.match(
+      notQuarantined.stderr,
+      /127\.43\.0\.2 is \w+, not quarantined; nothing done/,
+    );
   });
 
   it("exits 2 naming BYOM_HTTP_PORT when the metrics port is taken", async () => {

@@ -34,12 +34,12 @@ interface CheckOptions {
 export function registerConfigCommands(program: Command): void {
   const config = program
     .command("config")
-    .description("Inspect the configuration");
+    .description("inspect the configuration");
 
   config
     .command("check")
     .description(
-      "Validate the configuration (environment and file) and print the effective values, secrets hidden",
+      "validate the configuration (environment and file) and print the effective values, secrets hidden",
     )
     .option(
       "--config <file>",

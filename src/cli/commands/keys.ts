@@ -16,7 +16,7 @@ import { failWith } from "../runtime.js";
  * (0600) and never printed unless asked for with `--out -`.
  */
 export function registerKeysCommands(program: Command): void {
-  const keys = program.command("keys").description("Manage byom keys");
+  const keys = program.command("keys").description("manage byom keys");
   const sealing = keys
     .command("sealing")
     .description(

@@ -8,7 +8,7 @@ import {
   type Lease,
   type LeaseStore,
 } from "../../lease/index.js";
-import { canonicalIp, showValue } from "../../protocol/index.js";
+import { LeaseState, canonicalIp, showValue } from "../../protocol/index.js";
 import { connectNats } from "../../transport/index.js";
 import { failWith, natsOptionsFrom } from "../runtime.js";
 
@@ -77,13 +77,18 @@ async function poolIp(
   leases: LeaseStore,
 ): Promise<string> {
   const ip = canonicalIp(text);
+  if (ip === undefined) {
+    throw new InvalidRequestError(
+      `argument <ip> must be an IPv4 or IPv6 address (got ${showValue(text)})`,
+    );
+  }
   const known =
     ip !== undefined &&
     (config.pool.length > 0
       ? config.pool.includes(ip)
       : (await leases.get(ip)) !== undefined);
   // A pool IP the agents have not added yet has no lease to act on.
-  if (ip === undefined || !known) {
+  if (!known) {
     throw new InvalidRequestError(
       config.pool.length > 0
         ? `IP ${showValue(text)} is not in the pool (VM_POOL_IPS has ${config.pool.length} IPs; see byom config check)`
@@ -208,9 +213,16 @@ export function registerPoolCommands(program: Command): void {
     .argument("<ip>", "pool IP")
     .action(async (ip: string, options: PoolOptions) => {
       try {
-        const lease = await withLeases(options, async (leases, config) =>
-          leases.unquarantine(await poolIp(ip, config, leases)),
-        );
+        const lease = await withLeases(options, async (leases, config) => {
+          const target = await poolIp(ip, config, leases);
+          const state = (await leases.get(target))?.record.state;
+          if (state !== LeaseState.Quarantined) {
+            throw new InvalidRequestError(
+              `IP ${target} is ${state ?? "not leased yet"}, not quarantined; nothing done`,
+            );
+          }
+          return leases.unquarantine(target);
+        });
         printLease(lease, options.json === true, "unquarantined");
       } catch (error) {
         failWith(error, options.json === true);
