@@ -399,7 +399,8 @@ describe("byom sandbox CLI", () => {
 
     await assert.rejects(
       cli("up", "--vms", "1", "--first-ip", ip(2, 9), "--state-dir", stateDir),
-      /already up/,
+      (error: { code?: number; stderr?: string }) =>
+        error.code === 2 && /already up/.test(error.stderr ?? ""),
     );
 
     await cli("down", "--state-dir", stateDir);
@@ -410,7 +411,7 @@ describe("byom sandbox CLI", () => {
     await assert.rejects(
       cli("status", "--state-dir", stateDir),
       (error: { code?: number; stderr?: string }) =>
-        error.code === 7 && /no sandbox is up/.test(error.stderr ?? ""),
+        error.code === 2 && /no sandbox is up/.test(error.stderr ?? ""),
     );
     await cli("down", "--state-dir", stateDir);
   });

@@ -17,7 +17,7 @@ import { pino } from "pino";
 import {
   ByomError,
   InternalError,
-  UnavailableError,
+  InvalidRequestError,
   isErrorCode,
 } from "../../errors/index.js";
 import {
@@ -149,7 +149,7 @@ async function up(options: UpOptions): Promise<void> {
 
   const existing = await readState(stateDir);
   if (existing !== undefined && (await isSupervisor(existing))) {
-    throw new UnavailableError(
+    throw new InvalidRequestError(
       `a sandbox is already up in ${stateDir} (supervisor pid ${existing.supervisorPid}); run: byom sandbox down --state-dir ${stateDir}`,
     );
   }
@@ -185,7 +185,7 @@ async function authorizedKey(
       });
     });
     if (text.trim() === "") {
-      throw new UnavailableError(`--authorized-key ${file} is empty`);
+      throw new InvalidRequestError(`--authorized-key ${file} is empty`);
     }
     return { authorizedKey: file };
   }
@@ -395,7 +395,7 @@ async function status(options: {
     state.state !== "ready" ||
     !(await isSupervisor(state))
   ) {
-    throw new UnavailableError(
+    throw new InvalidRequestError(
       `no sandbox is up in ${stateDir} (start one with: byom sandbox up --vms N --state-dir ${stateDir})`,
     );
   }
