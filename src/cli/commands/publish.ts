@@ -1,11 +1,13 @@
-import { readFile } from "node:fs/promises";
-
 import type { Command } from "commander";
 
 import { loadConfig, type ByomConfig } from "../../config/index.js";
-import { InvalidRequestError } from "../../errors/index.js";
+import {
+  InvalidRequestError,
+  PayloadTooLargeError,
+} from "../../errors/index.js";
 import { createPublisher, type Publisher } from "../../publisher/index.js";
 import { connectNats } from "../../transport/index.js";
+import { readAtMost } from "../read-limited.js";
 import { createRootLogger, failWith, natsOptionsFrom } from "../runtime.js";
 
 interface CommonOptions {
@@ -15,11 +17,14 @@ interface CommonOptions {
   requestId?: string;
 }
 
+function configOf(options: CommonOptions): ByomConfig {
+  return loadConfig(options.config ? { file: options.config } : {});
+}
+
 async function withPublisher<T>(
-  options: CommonOptions,
-  run: (publisher: Publisher, config: ByomConfig) => Promise<T>,
+  config: ByomConfig,
+  run: (publisher: Publisher) => Promise<T>,
 ): Promise<T> {
-  const config = loadConfig(options.config ? { file: options.config } : {});
   const logger = createRootLogger({
     ...config,
     logLevel: config.logLevel === "info" ? "warn" : config.logLevel,
@@ -39,7 +44,7 @@ async function withPublisher<T>(
         : {}),
       logger,
     });
-    return await run(publisher, config);
+    return await run(publisher);
   } finally {
     await nc.close();
   }
@@ -73,7 +78,7 @@ export function registerPublishCommands(program: Command): void {
     .option("--namespace <ns>", "pod namespace", "default")
     .requiredOption(
       "--user-data <file>",
-      "cloud-init #cloud-config file to deliver",
+      "cloud-init #cloud-config file to deliver (at most BYOM_MAX_USER_DATA_BYTES bytes)",
     )
     .option("--request-id <id>", "request id (reuse it to retry safely)")
     .option("--timeout-ms <ms>", "how long to wait for the result")
@@ -90,9 +95,13 @@ export function registerPublishCommands(program: Command): void {
       ) => {
         const json = options.json === true;
         try {
-          const userData = await readUserData(options.userData);
+          const config = configOf(options);
+          const userData = await readUserData(
+            options.userData,
+            config.maxUserDataBytes,
+          );
           const timeoutMs = timeoutOf(options);
-          const created = await withPublisher(options, (publisher) =>
+          const created = await withPublisher(config, (publisher) =>
             publisher.createInstance({
               podName: options.pod,
               podNamespace: options.namespace,
@@ -141,7 +150,7 @@ export function registerPublishCommands(program: Command): void {
         const json = options.json === true;
         try {
           const timeoutMs = timeoutOf(options);
-          const deleted = await withPublisher(options, (publisher) =>
+          const deleted = await withPublisher(configOf(options), (publisher) =>
             publisher.deleteInstance({
               instanceId: ip,
               ...(options.allocationId
@@ -166,9 +175,19 @@ export function registerPublishCommands(program: Command): void {
     );
 }
 
-async function readUserData(path: string): Promise<Buffer> {
+/**
+ * Reads the --user-data file, at most one byte past the cap so that
+ * /dev/zero, a FIFO or a huge file is refused without being read whole.
+ * The size is checked here, before the publisher's UTF-8 and cloud-init
+ * checks, so an oversized file is reported by its size.
+ *
+ * @throws InvalidRequestError when the file cannot be read;
+ *   PayloadTooLargeError when it holds more than `maxBytes` bytes.
+ */
+async function readUserData(path: string, maxBytes: number): Promise<Buffer> {
+  let content: Buffer;
   try {
-    return await readFile(path);
+    content = await readAtMost(path, maxBytes + 1);
   } catch (error) {
     const reason = (error as NodeJS.ErrnoException).code ?? String(error);
     throw new InvalidRequestError(
@@ -176,4 +195,10 @@ async function readUserData(path: string): Promise<Buffer> {
       { cause: error },
     );
   }
+  if (content.length > maxBytes) {
+    throw new PayloadTooLargeError(
+      `--user-data "${path}" is larger than the cap of ${maxBytes} bytes set by BYOM_MAX_USER_DATA_BYTES=${maxBytes} (maxUserDataBytes); nothing was sent`,
+    );
+  }
+  return content;
 }
