@@ -1,7 +1,12 @@
 import { readFileSync } from "node:fs";
 
 import convict from "convict";
-import { parse as parseYaml } from "yaml";
+import {
+  LineCounter,
+  parseDocument,
+  type ErrorCode as YamlErrorCode,
+  type YAMLError,
+} from "yaml";
 
 import { ConfigError } from "../errors/index.js";
 import { resourceNames, type ResourceNames } from "../protocol/index.js";
@@ -217,16 +222,16 @@ function unknownKeyRule(key: string): string {
 
 /** Reads a JSON or YAML file into an object of known keys. */
 function readConfigFile(file: string): Record<string, unknown> {
-  let content: unknown;
+  let text: string;
   try {
-    // YAML 1.2 is a superset of JSON, so one parser reads both.
-    content = parseYaml(readFileSync(file, "utf8"));
+    text = readFileSync(file, "utf8");
   } catch (error) {
-    const reason = error instanceof Error ? error.message : String(error);
-    throw new ConfigError(`config file "${file}": ${reason}`, {
+    const reason = (error as NodeJS.ErrnoException).code ?? String(error);
+    throw new ConfigError(`config file "${file}" cannot be read: ${reason}`, {
       cause: error,
     });
   }
+  const content = parseConfigText(file, text);
   if (content === null || content === undefined) {
     return {};
   }
@@ -248,12 +253,76 @@ function readConfigFile(file: string): Record<string, unknown> {
       // convict would merge a mapping into the leaf; refuse it here.
       const entry = schemaEntries()[key];
       throw new ConfigError(
-        `${entry.env}=${JSON.stringify(single)} (${key}, from ${file}): ${entry.rule}`,
+        `${entry.env}=${showValue(key, single)} (${key}, from ${file}): ${entry.rule}`,
       );
     }
     values[key] = single;
   }
   return values;
+}
+
+/** What each `yaml` error code means, in our words: its messages quote source. */
+const yamlReasons: Record<YamlErrorCode, string> = {
+  ALIAS_PROPS: "an alias cannot have a tag or an anchor",
+  BAD_ALIAS: "malformed alias",
+  BAD_DIRECTIVE: "unsupported or malformed directive",
+  BAD_DQ_ESCAPE: "invalid escape sequence in a double-quoted string",
+  BAD_INDENT: "bad indentation",
+  BAD_PROP_ORDER: "anchor and tag in the wrong order",
+  BAD_SCALAR_START: "a plain value cannot start with this character",
+  BLOCK_AS_IMPLICIT_KEY:
+    'a mapping nested on one line (quote a value that holds ": ")',
+  BLOCK_IN_FLOW: "a block collection inside a flow collection",
+  DUPLICATE_KEY: "duplicate key",
+  IMPOSSIBLE: "internal parser error",
+  KEY_OVER_1024_CHARS: "a key longer than 1024 characters",
+  MISSING_CHAR: "a closing quote or bracket is missing",
+  MULTILINE_IMPLICIT_KEY: "a key that spans lines",
+  MULTIPLE_ANCHORS: "more than one anchor on a node",
+  MULTIPLE_DOCS: "more than one document",
+  MULTIPLE_TAGS: "more than one tag on a node",
+  NON_STRING_KEY: "a key that is not a string",
+  RESOURCE_EXHAUSTION: "too many aliases",
+  TAB_AS_INDENT: "a tab used as indentation",
+  TAG_RESOLVE_FAILED: "unknown tag",
+  UNEXPECTED_TOKEN: "unexpected token",
+  BAD_COLLECTION_TYPE: "a collection of the wrong type for its tag",
+};
+
+/**
+ * Parses YAML (and so JSON, a subset of YAML 1.2). A problem is reported
+ * by line, column, the parser's code and our reason, never with the
+ * parser's message: it quotes the source line, which may hold a password.
+ * Warnings (e.g. an unknown tag) fail too, as they would otherwise be
+ * printed with the source line. No cause is chained, for the same reason.
+ */
+function parseConfigText(file: string, text: string): unknown {
+  const lineCounter = new LineCounter();
+  const document = parseDocument(text, { lineCounter, prettyErrors: false });
+  const problems: YAMLError[] = [...document.errors, ...document.warnings];
+  const [first] = problems;
+  if (first !== undefined) {
+    const { line, col } = lineCounter.linePos(first.pos[0]);
+    const reason = yamlReasons[first.code] ?? "syntax error";
+    const more =
+      problems.length > 1 ? ` (${problems.length} problems in all)` : "";
+    throw new ConfigError(
+      `config file "${file}" is not valid YAML or JSON at line ${line}, column ${col}: ${first.code} (${reason})${more}; the line is not shown as it may hold a secret`,
+    );
+  }
+
+  try {
+    return document.toJS();
+  } catch (error) {
+    // Alias errors name the alias, which is source text: not shown.
+    const message = error instanceof Error ? error.message : "";
+    const reason = /excessive alias count/i.test(message)
+      ? "too many aliases"
+      : "an alias cannot be resolved (is its anchor defined before it?)";
+    throw new ConfigError(
+      `config file "${file}" cannot be turned into values: ${reason}`,
+    );
+  }
 }
 
 /** A file may give the pool as a list of entries; it means the same. */
