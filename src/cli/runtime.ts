@@ -3,7 +3,7 @@ import { pino, type Logger } from "pino";
 import type { AgentOptions } from "../agent/index.js";
 import type { ByomConfig } from "../config/index.js";
 import { loadPrivateKey, type LoadedPrivateKey } from "../delivery/index.js";
-import { ConfigError, toByomError, type ByomError } from "../errors/index.js";
+import { ByomError, ConfigError, toByomError } from "../errors/index.js";
 import { errorFields } from "../logging/index.js";
 import {
   createUnsealer,
@@ -141,10 +141,17 @@ export async function loadAgentKey(
       config.sshPrivKeyPassphrase || undefined,
     );
   } catch (error) {
-    const reason = error instanceof Error ? error.message : String(error);
-    throw new ConfigError(`SSH_PRIV_KEY_PATH (sshPrivKeyPath): ${reason}`, {
-      cause: error,
-    });
+    // loadPrivateKey's errors keep key bytes out; anything else might not.
+    if (error instanceof ByomError) {
+      throw new ConfigError(
+        `SSH_PRIV_KEY_PATH (sshPrivKeyPath): ${error.message}`,
+        { cause: error },
+      );
+    }
+    const kind = error instanceof Error ? error.name : typeof error;
+    throw new ConfigError(
+      `SSH_PRIV_KEY_PATH (sshPrivKeyPath): ssh private key ${config.sshPrivKeyPath} cannot be loaded: unexpected ${kind} (not shown, it may quote the key)`,
+    );
   }
 }
 

@@ -77,14 +77,17 @@ function parseWithSsh2(
   key: Buffer,
   passphrase: string | undefined,
 ): ParsedKey {
-  const result: ParsedKey | ParsedKey[] | Error = ssh2.utils.parseKey(
-    key,
-    passphrase,
-  );
+  let result: ParsedKey | ParsedKey[] | Error;
+  try {
+    result = ssh2.utils.parseKey(key, passphrase);
+  } catch (error) {
+    result = error instanceof Error ? error : new Error(String(error));
+  }
   if (result instanceof Error) {
+    // No cause: ssh2's message may quote bytes of the key, and logs print
+    // an error's cause chain.
     throw new ConfigError(
-      `ssh private key ${path} ${describeParseError(result.message)}`,
-      { cause: result },
+      `ssh private key ${path} ${describeParseError(result)}`,
     );
   }
   const keys = Array.isArray(result) ? result : [result];
@@ -97,14 +100,42 @@ function parseWithSsh2(
   return first;
 }
 
-function describeParseError(message: string): string {
+/**
+ * ssh2's parse errors by the fixed start of their message, with what we
+ * say instead. Whatever ssh2 appends (a magic, cipher, kdf or key type
+ * read from the file) is never shown: it is bytes of the key.
+ */
+const parseErrorReasons: ReadonlyArray<readonly [RegExp, string]> = [
+  [/^Unsupported key format/, "not a key format ssh2 knows"],
+  [/^Unsupported OpenSSH key magic/, "unsupported OpenSSH key format"],
+  [/^Malformed (encrypted )?OpenSSH private key/, "malformed key data"],
+  [/^Unsupported cipher for OpenSSH key/, "unsupported cipher"],
+  [/^Cipher \(.*\) not supported/, "unsupported cipher"],
+  [/^Unsupported kdf name/, "unsupported key derivation function"],
+  [/^Unsupported OpenSSH private key type/, "unsupported key type"],
+  [/^Unsupported private key EC OID/, "unsupported elliptic curve"],
+  [/integrity check failed/, "integrity check failed: damaged file"],
+  [/^Malformed PPK/, "malformed PuTTY key"],
+  [/^Malformed .*public key/, "malformed public key"],
+  [/^Failed to generate information to decrypt key/, "key derivation failed"],
+];
+
+function describeParseError(error: Error): string {
+  const message = error.message;
   if (/no passphrase given/i.test(message)) {
     return "is encrypted and no passphrase is set";
   }
   if (/bad passphrase/i.test(message)) {
     return "cannot be decrypted: wrong passphrase";
   }
-  return `is not a supported private key (OpenSSH, PKCS#1 RSA, SEC1 EC, or PKCS#8 RSA/EC PEM): ${message}`;
+  const known = parseErrorReasons.find(([pattern]) => pattern.test(message));
+  const code = (error as { code?: unknown }).code;
+  const reason =
+    known?.[1] ??
+    (typeof code === "string" && /^[A-Z0-9_]+$/.test(code)
+      ? `ssh2 error ${code}`
+      : "unrecognised ssh2 error, not shown as it may quote the key");
+  return `is not a supported private key (${reason}): give an OpenSSH, PKCS#1 RSA, SEC1 EC, or PKCS#8 RSA/EC PEM key`;
 }
 
 /** ssh2 cannot read PKCS#8; re-encode RSA as PKCS#1 and EC as SEC1. */

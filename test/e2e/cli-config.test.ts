@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -150,6 +151,38 @@ describe("byom config check", () => {
       const report = JSON.parse(run.stdout) as { agentWarnings: string[] };
       assert.equal(report.agentWarnings.length, 1);
       assert.match(report.agentWarnings[0]!, /1 line\(s\) skipped/);
+    });
+
+    it("exits 2 naming SSH_PRIV_KEY_PATH for a damaged key, without its bytes", async () => {
+      const key = join(dir, "damaged_ed25519");
+      // Printable where ssh2 would quote the magic, random after it.
+      const payload = Buffer.concat([
+        Buffer.from("DAMAGEDKEYBYTES"),
+        randomBytes(400),
+      ]);
+      const body = payload.toString("base64").match(/.{1,70}/g) ?? [];
+      await writeFile(
+        key,
+        `-----BEGIN OPENSSH PRIVATE KEY-----\n${body.join("\n")}\n-----END OPENSSH PRIVATE KEY-----\n`,
+        { mode: 0o600 },
+      );
+      const run = await byom(["config", "check", "--agent"], {
+        ...agentEnv,
+        SSH_PRIV_KEY_PATH: key,
+      });
+      assert.equal(run.code, 2, run.stderr);
+      assert.match(
+        run.stderr,
+        new RegExp(
+          `^byom: INVALID_REQUEST: SSH_PRIV_KEY_PATH \\(sshPrivKeyPath\\): ssh private key ${key} is not a supported private key \\(unsupported OpenSSH key format\\)`,
+        ),
+      );
+      assert.match(run.stderr, /^[\x20-\x7e\n]*$/, "non-ASCII in the message");
+      assert.ok(!run.stderr.includes("DAMAGED"), run.stderr);
+      assert.ok(
+        !run.stderr.includes(payload.subarray(15, 19).toString("latin1")),
+      );
+      assert.ok(!run.stderr.includes(body[0]!.slice(0, 12)));
     });
 
     it("exits 2 naming a sealing seed file that cannot be read", async () => {

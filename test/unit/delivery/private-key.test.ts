@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { generateKeyPairSync } from "node:crypto";
+import { generateKeyPairSync, randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -11,6 +11,45 @@ import { loadPrivateKey } from "../../../src/delivery/index.js";
 import { ConfigError } from "../../../src/errors/index.js";
 
 const run = promisify(execFile);
+
+/** An SSH wire string: uint32 length, then the bytes. */
+function sshString(value: string | Buffer): Buffer {
+  const bytes = typeof value === "string" ? Buffer.from(value) : value;
+  const length = Buffer.alloc(4);
+  length.writeUInt32BE(bytes.length);
+  return Buffer.concat([length, bytes]);
+}
+
+/** An OpenSSH private key file around `body`, wrapped as ssh-keygen does. */
+function openSshPem(body: Buffer): string {
+  const lines = body.toString("base64").match(/.{1,70}/g) ?? [];
+  return `-----BEGIN OPENSSH PRIVATE KEY-----\n${lines.join("\n")}\n-----END OPENSSH PRIVATE KEY-----\n`;
+}
+
+const openSshMagic = Buffer.from("openssh-key-v1\0", "latin1");
+
+/**
+ * Fails when `message` holds anything of `payload`: a 4-byte window in any
+ * single-byte or UTF-8 reading, a printable-ASCII run, or base64 of it.
+ */
+function assertNoKeyBytes(message: string, payload: Buffer): void {
+  assert.match(message, /^[\x20-\x7e]*$/, "message has non-ASCII bytes");
+  for (let start = 0; start + 4 <= payload.length; start += 1) {
+    const window = payload.subarray(start, start + 4);
+    for (const reading of [
+      window.toString("latin1"),
+      window.toString("utf8"),
+    ]) {
+      if (/^[\x20-\x7e]{4}$/.test(reading) && /[A-Z]{2}/.test(reading)) {
+        assert.ok(
+          !message.includes(reading),
+          `message holds key bytes "${reading}": ${message}`,
+        );
+      }
+    }
+  }
+  assert.ok(!message.includes(payload.toString("base64").slice(0, 12)));
+}
 
 describe("loadPrivateKey", () => {
   let dir: string;
@@ -233,5 +272,75 @@ describe("loadPrivateKey", () => {
       /not a supported private key/,
       garbage,
     );
+  });
+
+  describe("never puts key bytes in the message of a damaged key", () => {
+    async function refusal(name: string, body: Buffer): Promise<string> {
+      const path = join(dir, name);
+      await writeFile(path, openSshPem(body), { mode: 0o600 });
+      const error = await assertConfigError(
+        loadPrivateKey(path),
+        /is not a supported private key \(/,
+        path,
+      );
+      assert.equal(error.cause, undefined, "the ssh2 error is chained");
+      return error.message;
+    }
+
+    it("random bytes after the OpenSSH header", async () => {
+      const payload = randomBytes(512);
+      const message = await refusal("random-openssh", payload);
+      assert.match(message, /\(unsupported OpenSSH key format\)/);
+      assertNoKeyBytes(message, payload);
+    });
+
+    it("a printable magic that is not openssh-key-v1", async () => {
+      const payload = Buffer.concat([
+        Buffer.from("KEYMAGICSECRET!"),
+        randomBytes(64),
+      ]);
+      const message = await refusal("printable-magic", payload);
+      assert.ok(!message.includes("KEYMAGIC"), message);
+      assertNoKeyBytes(message, payload);
+    });
+
+    it("an unknown cipher, key derivation or key type named in the file", async () => {
+      const cipher = Buffer.concat([
+        openSshMagic,
+        sshString("CIPHERSECRET-cbc"),
+        randomBytes(40),
+      ]);
+      const kdf = Buffer.concat([
+        openSshMagic,
+        sshString("aes256-ctr"),
+        sshString("KDFSECRET"),
+        randomBytes(40),
+      ]);
+      const privateSection = Buffer.concat([
+        Buffer.from([1, 2, 3, 4, 1, 2, 3, 4]),
+        sshString("TYPESECRET-ssh"),
+        randomBytes(40),
+      ]);
+      const type = Buffer.concat([
+        openSshMagic,
+        sshString("none"),
+        sshString("none"),
+        sshString(""),
+        Buffer.from([0, 0, 0, 1]),
+        sshString(sshString("TYPESECRET-ssh")),
+        sshString(privateSection),
+      ]);
+      const cases = [
+        { name: "cipher", body: cipher, reason: /unsupported cipher/ },
+        { name: "kdf", body: kdf, reason: /unsupported key derivation/ },
+        { name: "type", body: type, reason: /unsupported key type/ },
+      ];
+      for (const { name, body, reason } of cases) {
+        const message = await refusal(`unknown-${name}`, body);
+        assert.match(message, reason);
+        assertNoKeyBytes(message, body);
+        assert.doesNotMatch(message, /SECRET/);
+      }
+    });
   });
 });
