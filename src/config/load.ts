@@ -271,7 +271,7 @@ const yamlReasons: Record<YamlErrorCode, string> = {
   BAD_PROP_ORDER: "anchor and tag in the wrong order",
   BAD_SCALAR_START: "a plain value cannot start with this character",
   BLOCK_AS_IMPLICIT_KEY:
-    'a mapping nested on one line (quote a value that holds ": ")',
+    'a mapping nested on one line; quote a value that holds ": "',
   BLOCK_IN_FLOW: "a block collection inside a flow collection",
   DUPLICATE_KEY: "duplicate key",
   IMPOSSIBLE: "internal parser error",
