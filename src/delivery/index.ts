@@ -31,6 +31,7 @@ import {
 } from "./backoff.js";
 import { openSession, sftpCalls, type Session } from "./session.js";
 import { KeyRefusedError } from "./classify.js";
+import { describeParseError } from "./keys.js";
 
 export { loadPrivateKey, type LoadedPrivateKey } from "./keys.js";
 
@@ -863,7 +864,7 @@ function describeClientKey(
   const key = Array.isArray(parsed) ? parsed[0] : parsed;
   if (key === undefined || key instanceof Error || !key.isPrivateKey()) {
     throw new ConfigError(
-      `delivery privateKey is not a usable private key: ${key instanceof Error ? key.message : "no private key found"}; check it with loadPrivateKey`,
+      `delivery privateKey ${key instanceof Error ? describeParseError(key) : "holds no private key"}; check it with loadPrivateKey`,
     );
   }
   return { type: key.type, fingerprint: fingerprintOf(key.getPublicSSH()) };

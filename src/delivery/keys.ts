@@ -1,10 +1,10 @@
 import { createPrivateKey, type KeyObject } from "node:crypto";
-import { readFile } from "node:fs/promises";
 
 import ssh2 from "ssh2";
 import type { ParsedKey } from "ssh2";
 
 import { ConfigError } from "../errors/index.js";
+import { readAtMost } from "../files/index.js";
 import { fingerprintOf } from "../hostkeys/index.js";
 
 /** The agent's SSH client key, checked and in a format ssh2 reads. */
@@ -37,12 +37,17 @@ export async function loadPrivateKey(
 ): Promise<LoadedPrivateKey> {
   let raw: Buffer;
   try {
-    raw = await readFile(path);
+    raw = await readAtMost(path, maxKeyFileBytes + 1);
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code ?? "read error";
     throw new ConfigError(`ssh private key ${path} cannot be read: ${code}`, {
       cause: error,
     });
+  }
+  if (raw.length > maxKeyFileBytes) {
+    throw new ConfigError(
+      `ssh private key ${path} is larger than ${maxKeyFileBytes} bytes: not a private key file`,
+    );
   }
   const text = raw.toString("utf8");
   if (text.trim() === "") {
@@ -120,7 +125,14 @@ const parseErrorReasons: ReadonlyArray<readonly [RegExp, string]> = [
   [/^Failed to generate information to decrypt key/, "key derivation failed"],
 ];
 
-function describeParseError(error: Error): string {
+/** The largest private key file read (an RSA 16384-bit key is ~13 KiB). */
+const maxKeyFileBytes = 64 * 1024;
+
+/**
+ * Why ssh2 could not parse a key, in our words: ssh2's messages can quote
+ * bytes read from the key file, so they are never shown.
+ */
+export function describeParseError(error: Error): string {
   const message = error.message;
   if (/no passphrase given/i.test(message)) {
     return "is encrypted and no passphrase is set";

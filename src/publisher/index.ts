@@ -128,11 +128,15 @@ class PublisherImpl implements Publisher {
   }
 
   async createInstance(input: CreateInstanceInput): Promise<CreatedInstance> {
+    // Size first: a large binary is too large before it is bad UTF-8.
+    const userDataBytes =
+      typeof input.userData === "string"
+        ? Buffer.byteLength(input.userData, "utf8")
+        : input.userData.byteLength;
+    this.#checkUserDataSize(userDataBytes);
     const userData = decodeUserData(input.userData);
     const timeoutMs =
       input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
-    const userDataBytes = Buffer.byteLength(userData, "utf8");
-    this.#checkUserDataSize(userDataBytes);
     // The agent checks it too; checking here fails fast, with no agent needed.
     parseUserData(userData, { requireHeader: true });
     const sealingKey = this.#options.sealingPublicKey;

@@ -122,6 +122,26 @@ describe("user-data size: checked at the publisher, nothing sent when too large"
     });
   });
 
+  it("calls binary user-data over the cap too large, before checking its UTF-8", async () => {
+    const capped = createPublisher({
+      nc: stack.clientConnection,
+      names: stack.names,
+      requestingNode: "node-a",
+      maxUserDataBytes: 2000,
+    });
+    const sequence = await lastSequence();
+    await assert.rejects(
+      capped.createInstance({
+        podName: "binary",
+        sandboxId: "s1",
+        userData: new Uint8Array(4096).fill(0xff),
+      }),
+      isTooLarge(/^user-data is 4096 bytes; the configured cap/),
+    );
+    assert.equal(await lastSequence(), sequence);
+    await capped.close();
+  });
+
   it("still provisions user-data that fits", async () => {
     const created = await stack.publisher.createInstance({
       podName: "fits",

@@ -7,7 +7,7 @@ import {
 } from "../../errors/index.js";
 import { createPublisher, type Publisher } from "../../publisher/index.js";
 import { connectNats } from "../../transport/index.js";
-import { readAtMost } from "../read-limited.js";
+import { readAtMost } from "../../files/index.js";
 import { createRootLogger, failWith, natsOptionsFrom } from "../runtime.js";
 
 interface CommonOptions {

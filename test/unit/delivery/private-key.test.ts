@@ -7,8 +7,9 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { promisify } from "node:util";
 
-import { loadPrivateKey } from "../../../src/delivery/index.js";
+import { createDelivery, loadPrivateKey } from "../../../src/delivery/index.js";
 import { ConfigError } from "../../../src/errors/index.js";
+import { createTofuPolicy } from "../../../src/hostkeys/index.js";
 
 const run = promisify(execFile);
 
@@ -271,6 +272,36 @@ describe("loadPrivateKey", () => {
       loadPrivateKey(garbage),
       /not a supported private key/,
       garbage,
+    );
+  });
+
+  it("stops reading a file that is far too large for a key", async () => {
+    await assertConfigError(
+      loadPrivateKey("/dev/zero"),
+      /^ssh private key \/dev\/zero is larger than 65536 bytes: not a private key file$/,
+      "/dev/zero",
+    );
+  });
+
+  it("never puts key bytes in the message of a delivery given a damaged key", () => {
+    const payload = Buffer.concat([
+      Buffer.from("KEYMAGICSECRET!"),
+      randomBytes(64),
+    ]);
+    assert.throws(
+      () =>
+        createDelivery({
+          privateKey: Buffer.from(openSshPem(payload)),
+          policy: createTofuPolicy(),
+          connectTimeoutMs: 1000,
+        }),
+      (error: unknown) => {
+        assert.ok(error instanceof ConfigError, String(error));
+        assert.match(error.message, /^delivery privateKey is not a supported/);
+        assert.ok(!error.message.includes("KEYMAGIC"), error.message);
+        assertNoKeyBytes(error.message, payload);
+        return true;
+      },
     );
   });
 

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { promisify } from "node:util";
 
-import { readAtMost } from "../../../src/cli/read-limited.js";
+import { readAtMost } from "../../../src/files/index.js";
 
 const run = promisify(execFile);
 

@@ -1,3 +1,7 @@
+/**
+ * Bounded file reads, for files a user names (user-data, keys): a device
+ * or a huge file must not be read whole.
+ */
 import { open } from "node:fs/promises";
 
 /** Bytes asked of the file per read; small enough for a tiny cap. */
