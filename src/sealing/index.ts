@@ -5,7 +5,6 @@
  * travels with the box; only a holder of the agents' seed can open it.
  * Pure crypto over `@nats-io/nkeys` plus reading seed files.
  */
-import { readFile } from "node:fs/promises";
 
 import {
   createCurve,
@@ -15,6 +14,7 @@ import {
 } from "@nats-io/nkeys";
 
 import { ConfigError, InvalidRequestError } from "../errors/index.js";
+import { readAtMost } from "../files/index.js";
 import {
   SealedAlgorithm,
   xkeyPublicPattern,
@@ -153,7 +153,8 @@ export async function loadSealingSeeds(files: string): Promise<string[]> {
 async function readSeedFile(path: string): Promise<string> {
   let text: string;
   try {
-    text = await readFile(path, "utf8");
+    // A seed file is one line; a device or a huge file is not read whole.
+    text = (await readAtMost(path, 64 * 1024)).toString("utf8");
   } catch (error) {
     const reason = (error as NodeJS.ErrnoException).code ?? String(error);
     throw new ConfigError(

@@ -1,5 +1,3 @@
-import { readFile } from "node:fs/promises";
-
 import {
   AuthorizationError,
   connect,
@@ -11,6 +9,7 @@ import {
 } from "@nats-io/transport-node";
 
 import { ConfigError, UnavailableError } from "../errors/index.js";
+import { readAtMost } from "../files/index.js";
 import type { Logger } from "../logging/index.js";
 
 /** How to reach NATS; plain values, usually taken from the config. */
@@ -37,11 +36,23 @@ function serverList(servers: string | readonly string[]): string[] {
   return list.map((server) => server.trim()).filter((server) => server !== "");
 }
 
+/** A `.creds` file (JWT and seed) or an nkey seed is a few KiB. */
+const maxSecretFileBytes = 64 * 1024;
+
 /** Reads a credentials file; the error names the file, never its content. */
 async function readSecretFile(path: string, setting: string): Promise<Buffer> {
   try {
-    return await readFile(path);
+    const bytes = await readAtMost(path, maxSecretFileBytes + 1);
+    if (bytes.length > maxSecretFileBytes) {
+      throw new ConfigError(
+        `${setting} file "${path}" is larger than ${maxSecretFileBytes} bytes: not a credentials file`,
+      );
+    }
+    return bytes;
   } catch (error) {
+    if (error instanceof ConfigError) {
+      throw error;
+    }
     const reason = (error as NodeJS.ErrnoException).code ?? String(error);
     throw new ConfigError(
       `${setting} file "${path}" cannot be read: ${reason}`,

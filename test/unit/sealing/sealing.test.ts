@@ -7,6 +7,7 @@ import {
   checkSealingPublicKey,
   createSealingKeyPair,
   createUnsealer,
+  loadSealingSeeds,
   openUserData,
   sealUserData,
   sealingPublicKeyOf,
@@ -92,6 +93,17 @@ describe("sealing", () => {
     assert.throws(
       () => decodeRequest(encode({ ...create, userData: text }), "create"),
       invalid(/fields "userData" and "userDataSealed" are exclusive/),
+    );
+  });
+
+  it("reads a seed file of a device or huge size only so far, and refuses it", async () => {
+    await assert.rejects(
+      loadSealingSeeds("/dev/zero"),
+      (error: unknown) =>
+        error instanceof ByomError &&
+        /^sealing seed file "\/dev\/zero" must be an xkey seed/.test(
+          error.message,
+        ),
     );
   });
 });
