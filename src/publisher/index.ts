@@ -104,6 +104,63 @@ export interface Publisher {
 }
 
 const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * Checks a create's fields and user-data as the agents will, without NATS,
+ * so that a caller (the CLI) can refuse bad input before connecting. The
+ * size against max_payload is checked when sending.
+ *
+ * @throws InvalidRequestError naming the field, the value and the rule.
+ */
+export function checkCreateInput(input: CreateInstanceInput): void {
+  const userData = decodeUserData(input.userData);
+  parseUserData(userData, { requireHeader: true });
+  validateRequest({ ...createRequestOf(input, "check", 60_000), userData });
+}
+
+/** {@link checkCreateInput} for a delete. */
+export function checkDeleteInput(input: DeleteInstanceInput): void {
+  validateRequest({ ...deleteRequestOf(input, "check", 60_000) });
+}
+
+/** A create without its user-data, which goes in clear or sealed. */
+function createRequestOf(
+  input: CreateInstanceInput,
+  requestingNode: string,
+  timeoutMs: number,
+): Omit<CreateRequest, "userData" | "userDataSealed"> {
+  return {
+    v: PROTOCOL_VERSION,
+    kind: RequestKind.Create,
+    requestId: input.requestId ?? randomUUID(),
+    podName: input.podName,
+    podNamespace: input.podNamespace ?? "default",
+    sandboxId: input.sandboxId,
+    requestingNode,
+    deadline: new Date(Date.now() + timeoutMs).toISOString(),
+  };
+}
+
+function deleteRequestOf(
+  input: DeleteInstanceInput,
+  requestingNode: string,
+  timeoutMs: number,
+): DeleteRequest {
+  if (canonicalIp(input.instanceId) === undefined) {
+    throw new InvalidRequestError(
+      `field "instanceId" must be an IP address (got ${showValue(input.instanceId)})`,
+    );
+  }
+  return {
+    v: PROTOCOL_VERSION,
+    kind: RequestKind.Delete,
+    requestId: input.requestId ?? randomUUID(),
+    instanceId: input.instanceId,
+    ...(input.allocationId ? { allocationId: input.allocationId } : {}),
+    requestingNode,
+    deadline: new Date(Date.now() + timeoutMs).toISOString(),
+  };
+}
 /** Room for the envelope around user-data when checking the payload size. */
 const graceMs = 2000;
 
@@ -141,14 +198,7 @@ class PublisherImpl implements Publisher {
     parseUserData(userData, { requireHeader: true });
     const sealingKey = this.#options.sealingPublicKey;
     const request: CreateRequest = {
-      v: PROTOCOL_VERSION,
-      kind: RequestKind.Create,
-      requestId: input.requestId ?? randomUUID(),
-      podName: input.podName,
-      podNamespace: input.podNamespace ?? "default",
-      sandboxId: input.sandboxId,
-      requestingNode: this.#options.requestingNode,
-      deadline: new Date(Date.now() + timeoutMs).toISOString(),
+      ...createRequestOf(input, this.#options.requestingNode, timeoutMs),
       ...(sealingKey
         ? { userDataSealed: sealUserData(userData, sealingKey) }
         : { userData }),
@@ -170,20 +220,11 @@ class PublisherImpl implements Publisher {
   async deleteInstance(input: DeleteInstanceInput): Promise<DeletedInstance> {
     const timeoutMs =
       input.timeoutMs ?? this.#options.requestTimeoutMs ?? 120_000;
-    if (canonicalIp(input.instanceId) === undefined) {
-      throw new InvalidRequestError(
-        `field "instanceId" must be an IP address (got ${showValue(input.instanceId)})`,
-      );
-    }
-    const request: DeleteRequest = {
-      v: PROTOCOL_VERSION,
-      kind: RequestKind.Delete,
-      requestId: input.requestId ?? randomUUID(),
-      instanceId: input.instanceId,
-      ...(input.allocationId ? { allocationId: input.allocationId } : {}),
-      requestingNode: this.#options.requestingNode,
-      deadline: new Date(Date.now() + timeoutMs).toISOString(),
-    };
+    const request = deleteRequestOf(
+      input,
+      this.#options.requestingNode,
+      timeoutMs,
+    );
     const result = await this.#send(request, timeoutMs);
     return {
       requestId: request.requestId,

@@ -127,9 +127,12 @@ describe("byom create reads --user-data up to BYOM_MAX_USER_DATA_BYTES", () => {
 
   it("sends a file of exactly the cap on to NATS", async () => {
     const atCap = join(workDir, "at-cap.yaml");
+    // Valid user-data (a mapping), padded with a comment to the cap.
+    const head =
+      "#cloud-config\nwrite_files:\n  - path: /run/peerpod/x\n    content: x\n#";
     await writeFile(
       atCap,
-      `#cloud-config\n#${"x".repeat(capBytes - "#cloud-config\n#".length - 1)}\n`,
+      `${head}${"x".repeat(capBytes - head.length - 1)}\n`,
     );
     const connectionsBefore = connections;
     const run = await create(atCap);

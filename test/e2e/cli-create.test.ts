@@ -280,7 +280,39 @@ describe("byom agent, create, delete and pool from the shell", () => {
   it("refuses an IP that is not an address before sending anything", async () => {
     const result = await byom("delete", "not-an-ip");
     assert.equal(result.code, 2);
-    assert.match(result.stderr, /instanceId.*"not-an-ip"/);
+    assert.match(result.stderr, /<ip> \(field "instanceId"\).*"not-an-ip"/);
+  });
+
+  it("names the flag of a bad value, and checks it without NATS", async () => {
+    const saved = env;
+    // Nothing listens there: a check that needed NATS would fail UNAVAILABLE.
+    env = { ...env, NATS_URL: "nats://127.0.0.1:1" };
+    try {
+      const result = await byom(
+        "create",
+        "--pod",
+        "a/b",
+        "--sandbox-id",
+        "s",
+        "--user-data",
+        join(fixtures, "pod-basic.yaml"),
+      );
+      assert.equal(result.code, 2, result.stderr);
+      assert.match(
+        result.stderr,
+        /^byom: INVALID_REQUEST: --pod \(field "podName"\) must match .* \(got "a\/b"\)/,
+      );
+      const owner = await byom(
+        "delete",
+        "127.43.0.2",
+        "--allocation-id",
+        "x y",
+      );
+      assert.equal(owner.code, 2, owner.stderr);
+      assert.match(owner.stderr, /--allocation-id \(field "allocationId"\)/);
+    } finally {
+      env = saved;
+    }
   });
 
   it("lets an operator quarantine, unquarantine and force-release a VM", async () => {

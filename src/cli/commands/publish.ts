@@ -5,7 +5,14 @@ import {
   InvalidRequestError,
   PayloadTooLargeError,
 } from "../../errors/index.js";
-import { createPublisher, type Publisher } from "../../publisher/index.js";
+import {
+  checkCreateInput,
+  checkDeleteInput,
+  createPublisher,
+  type CreateInstanceInput,
+  type DeleteInstanceInput,
+  type Publisher,
+} from "../../publisher/index.js";
 import { connectNats } from "../../transport/index.js";
 import { readAtMost } from "../../files/index.js";
 import { createRootLogger, failWith, natsOptionsFrom } from "../runtime.js";
@@ -101,15 +108,17 @@ export function registerPublishCommands(program: Command): void {
             config.maxUserDataBytes,
           );
           const timeoutMs = timeoutOf(options);
+          const input: CreateInstanceInput = {
+            podName: options.pod,
+            podNamespace: options.namespace,
+            sandboxId: options.sandboxId,
+            userData,
+            ...(options.requestId ? { requestId: options.requestId } : {}),
+            ...(timeoutMs ? { timeoutMs } : {}),
+          };
+          checkCreateInput(input);
           const created = await withPublisher(config, (publisher) =>
-            publisher.createInstance({
-              podName: options.pod,
-              podNamespace: options.namespace,
-              sandboxId: options.sandboxId,
-              userData,
-              ...(options.requestId ? { requestId: options.requestId } : {}),
-              ...(timeoutMs ? { timeoutMs } : {}),
-            }),
+            publisher.createInstance(input),
           );
           if (json) {
             console.log(JSON.stringify({ ok: true, ...created }));
@@ -126,7 +135,7 @@ export function registerPublishCommands(program: Command): void {
           }
           console.log(`  request     ${created.requestId}`);
         } catch (error) {
-          failWith(error, json);
+          failWith(withFlagNames(error), json);
         }
       },
     );
@@ -150,15 +159,17 @@ export function registerPublishCommands(program: Command): void {
         const json = options.json === true;
         try {
           const timeoutMs = timeoutOf(options);
+          const input: DeleteInstanceInput = {
+            instanceId: ip,
+            ...(options.allocationId
+              ? { allocationId: options.allocationId }
+              : {}),
+            ...(options.requestId ? { requestId: options.requestId } : {}),
+            ...(timeoutMs ? { timeoutMs } : {}),
+          };
+          checkDeleteInput(input);
           const deleted = await withPublisher(configOf(options), (publisher) =>
-            publisher.deleteInstance({
-              instanceId: ip,
-              ...(options.allocationId
-                ? { allocationId: options.allocationId }
-                : {}),
-              ...(options.requestId ? { requestId: options.requestId } : {}),
-              ...(timeoutMs ? { timeoutMs } : {}),
-            }),
+            publisher.deleteInstance(input),
           );
           if (json) {
             console.log(JSON.stringify({ ok: true, ...deleted }));
@@ -169,7 +180,7 @@ export function registerPublishCommands(program: Command): void {
             : "";
           console.log(`deleted ${ip}: VM is ${deleted.release.state}${reason}`);
         } catch (error) {
-          failWith(error, json);
+          failWith(withFlagNames(error), json);
         }
       },
     );
@@ -201,4 +212,35 @@ async function readUserData(path: string, maxBytes: number): Promise<Buffer> {
     );
   }
   return content;
+}
+
+/** The flag or argument that sets each request field. */
+const flagOfField: Record<string, string> = {
+  podName: "--pod",
+  podNamespace: "--namespace",
+  sandboxId: "--sandbox-id",
+  userData: "--user-data",
+  requestId: "--request-id",
+  instanceId: "<ip>",
+  allocationId: "--allocation-id",
+};
+
+/**
+ * A request error names protocol fields (`field "podName"`); at the shell
+ * the user typed flags: name the flag too.
+ */
+function withFlagNames(error: unknown): unknown {
+  if (!(error instanceof InvalidRequestError)) {
+    return error;
+  }
+  const message = error.message.replace(
+    /field "([A-Za-z]+)"/g,
+    (text, field: string) =>
+      flagOfField[field] === undefined
+        ? text
+        : `${flagOfField[field]} (field "${field}")`,
+  );
+  return message === error.message
+    ? error
+    : new InvalidRequestError(message, { cause: error });
 }
