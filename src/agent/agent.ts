@@ -49,8 +49,11 @@ import { takeOutOfService, watchAbandonedRequests } from "./abandoned.js";
 
 /** Tries to get an ack confirmed before relying on redelivery. */
 const ackAttempts = 4;
-/** How long a finished request's answer is retried before handing it back. */
-const answerRetryMs = 20_000;
+/**
+ * How long a step only NATS trouble can fail (a finished request's answer,
+ * freeing a reset VM's lease) is retried before handing the request back.
+ */
+const natsRetryMs = 20_000;
 
 /** Plain options of an agent; the CLI builds them from the config. */
 export interface AgentOptions {
@@ -273,6 +276,7 @@ class AgentImpl implements Agent {
       ...(this.#options.unseal ? { unseal: this.#options.unseal } : {}),
       requireSealed: this.#options.requireSealed ?? false,
       answered: (requestId) => this.#answered(requestId),
+      natsRetryMs,
     };
   }
 
@@ -357,7 +361,7 @@ class AgentImpl implements Agent {
       // result bucket without a leader while a cluster elects one) rather
       // than hand the request back and do the work again.
       answered = await retryFor(() => this.#publish(outcome.result, replyTo), {
-        forMs: answerRetryMs,
+        forMs: natsRetryMs,
         stopped: () => this.#aborted,
         onRetry: (error, pauseMs) =>
           log.warn(
@@ -404,6 +408,17 @@ class AgentImpl implements Agent {
         (error: unknown) => {
           if (!this.#running) {
             message.nak();
+            return;
+          }
+          const failure = toByomError(error);
+          if (failure.retryable) {
+            // NATS trouble (the lease could not be freed or quarantined):
+            // hand it back, or the lease would stay releasing for good.
+            log.warn(
+              { err: errorFields(error) },
+              "release follow-up failed; handing the request back",
+            );
+            message.nak(handBackDelayMs(message.info.deliveryCount));
             return;
           }
           log.error({ err: errorFields(error) }, "release follow-up failed");

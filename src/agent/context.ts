@@ -20,6 +20,11 @@ export interface AgentContext {
   readonly unseal?: (sealed: SealedUserData) => string;
   /** Refuse user-data sent in clear. */
   readonly requireSealed: boolean;
+  /**
+   * How long a step that only NATS trouble can fail (an answer, freeing a
+   * reset VM's lease) is retried before the request is handed back.
+   */
+  readonly natsRetryMs: number;
   /** Whether a request has a stored result (absent: no result bucket). */
   readonly answered?: (requestId: string) => Promise<boolean>;
 }

@@ -2,6 +2,7 @@ import {
   HostKeyRejectedError,
   InvalidRequestError,
   NotOwnerError,
+  UnavailableError,
   toByomError,
 } from "../errors/index.js";
 import type { LeaseRecord } from "../lease/index.js";
@@ -16,6 +17,7 @@ import {
   type SuccessResult,
 } from "../protocol/index.js";
 import type { AgentContext } from "./context.js";
+import { retryFor } from "./retry.js";
 
 const rebootName = RemotePath.reboot.slice(RemotePath.cidataDir.length + 1);
 
@@ -191,31 +193,51 @@ async function finishRelease(
   previousFingerprint: string | undefined,
 ): Promise<void> {
   const log = context.logger.child({ ip });
+  let reset: Awaited<ReturnType<AgentContext["delivery"]["waitForReset"]>>;
   try {
-    const reset = await context.delivery.waitForReset(ip, {
+    reset = await context.delivery.waitForReset(ip, {
       deadline: new Date(Date.now() + context.releaseTimeoutMs),
       ...(previousFingerprint ? { previousFingerprint } : {}),
     });
-    await context.leases.free(ip, {
-      from: [LeaseState.Releasing],
-      ...(owner ? { allocationId: owner } : {}),
-    });
-    context.emitter.emit("lease:released", { ip });
-    log.info(
-      { fingerprint: reset.hostKey.fingerprint },
-      "VM reset; back in the pool",
-    );
   } catch (error) {
     if (context.closing()) {
       throw error; // shutting down: the request is handed back, not judged
     }
+    // A failed write here (NATS trouble) fails the follow-up: the request
+    // is handed back and its next delivery judges the VM again.
     const reason = `did not reset within ${context.releaseTimeoutMs} ms: ${toByomError(error).message}`;
     await context.leases.quarantine(ip, reason, {
       ...(owner ? { expectAllocationId: owner } : {}),
     });
     context.emitter.emit("lease:quarantined", { ip, reason });
     log.warn({ reason }, "VM quarantined after release");
+    return;
   }
+  // The VM has reset: only NATS trouble can stop the lease being freed.
+  // Keep trying through a short outage; a longer one hands the request
+  // back (its next delivery finds the VM reset and frees it).
+  await retryFor(
+    () =>
+      context.leases.free(ip, {
+        from: [LeaseState.Releasing],
+        ...(owner ? { allocationId: owner } : {}),
+      }),
+    {
+      forMs: context.natsRetryMs,
+      stopped: context.closing,
+      retryIf: (error) => error instanceof UnavailableError,
+      onRetry: (error, pauseMs) =>
+        log.warn(
+          { err: errorFields(error), pauseMs },
+          "could not free the reset VM's lease; retrying",
+        ),
+    },
+  );
+  context.emitter.emit("lease:released", { ip });
+  log.info(
+    { fingerprint: reset.hostKey.fingerprint },
+    "VM reset; back in the pool",
+  );
 }
 
 function released(

@@ -11,6 +11,8 @@ export interface RetryOptions {
   stopped?: () => boolean;
   /** Told of each failure that will be retried. */
   onRetry?: (error: unknown, pauseMs: number) => void;
+  /** Which failures are worth another try; default all. */
+  retryIf?: (error: unknown) => boolean;
 }
 
 /**
@@ -32,7 +34,11 @@ export async function retryFor<T>(
     try {
       return await attempt();
     } catch (error) {
-      if (Date.now() + pauseMs > until || options.stopped?.() === true) {
+      if (
+        Date.now() + pauseMs > until ||
+        options.stopped?.() === true ||
+        options.retryIf?.(error) === false
+      ) {
         throw error;
       }
       options.onRetry?.(error, pauseMs);
