@@ -6,6 +6,7 @@ import {
   ExpiredError,
   HostKeyRejectedError,
   InvalidRequestError,
+  NotOwnerError,
   UnavailableError,
   VmUnreachableError,
   toByomError,
@@ -112,6 +113,9 @@ export async function handleCreate(
         deadline,
         requireClean: true,
         ownEarlierWrite: existing,
+        // A retry can reach the VM seconds later: after a delete of this
+        // pod reset it, say. Write only while the claim is still ours.
+        beforeWrite: () => stillClaimed(context, ip, allocationId),
       });
     } catch (error) {
       const failure = toByomError(error);
@@ -286,6 +290,23 @@ function success(
     agent: context.agentId,
     finishedAt: new Date().toISOString(),
   };
+}
+
+/** NotOwnerError unless `ip` is still claimed by `allocationId`. */
+async function stillClaimed(
+  context: AgentContext,
+  ip: string,
+  allocationId: string,
+): Promise<void> {
+  const lease = await context.leases.get(ip);
+  if (
+    lease?.record.state !== LeaseState.Claimed ||
+    lease.record.allocationId !== allocationId
+  ) {
+    throw new NotOwnerError(
+      `lease on ${ip} is ${lease?.record.state ?? "missing"}${lease?.record.allocationId === allocationId ? "" : ` for allocation ${lease?.record.allocationId ?? "none"}`}, no longer claimed by allocation ${allocationId} (deleted meanwhile?); nothing written`,
+    );
+  }
 }
 
 /** Polling of a lease that another request of the allocation holds. */

@@ -127,6 +127,12 @@ export interface Delivery {
        * earlier write (a request served again), not a VM that never reset.
        */
       ownEarlierWrite?: boolean;
+      /**
+       * Runs on each attempt's connection just before user-data is
+       * written; a throw ends the delivery (not retried) with nothing
+       * written. For checking that the lease is still this request's.
+       */
+      beforeWrite?: () => Promise<void>;
     },
   ): Promise<DeliveryResult>;
 
@@ -291,6 +297,7 @@ class SshDelivery implements Delivery {
       signal?: AbortSignal;
       requireClean?: boolean;
       ownEarlierWrite?: boolean;
+      beforeWrite?: () => Promise<void>;
     },
   ): Promise<DeliveryResult> {
     this.#assertOpen();
@@ -309,6 +316,7 @@ class SshDelivery implements Delivery {
           options.requireClean === true,
           options.ownEarlierWrite === true ? { data, sha256 } : undefined,
         );
+        await options.beforeWrite?.();
         const key = await this.#writeUserData(attempt, data);
         return {
           key,

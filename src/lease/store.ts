@@ -1074,6 +1074,12 @@ function notOwner(
   allocationId: string,
 ): NotOwnerError {
   const state = record?.state ?? "missing";
+  if (record?.allocationId === allocationId) {
+    // The allocation's own lease, in a state this step cannot act on.
+    return new NotOwnerError(
+      `lease on ${ip} of allocation ${allocationId} is ${state}, not claimed (deleted meanwhile?)`,
+    );
+  }
   return new NotOwnerError(
     `lease on ${ip} is ${state}${record === undefined ? "" : ownerText(record)}, not held by allocation ${allocationId}`,
   );

@@ -5,7 +5,7 @@
  * delivery onto a VM that never reset.
  */
 import assert from "node:assert/strict";
-import { readFile, writeFile } from "node:fs/promises";
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
@@ -236,6 +236,55 @@ describe("one allocation, several requests at once", () => {
     live[result.instance.id] = "dirty-s";
     // The quarantined VM keeps what the test wrote until it resets.
     delivered.add(sha256(foreign));
+    await invariants();
+  });
+
+  it("writes nothing when a delete takes the lease between the claim and the write", async () => {
+    let raced: Promise<unknown> | undefined;
+    let racedIp: string | undefined;
+    const stop = stack.agent.events.on("lease:acquired", (event) => {
+      if (event.allocationId === "raced-s" && raced === undefined) {
+        racedIp = event.ip;
+        // What a delete of the pod does first, while the SSH connection
+        // of the create is still being set up.
+        raced = stack.agent.leases.beginRelease(
+          event.ip,
+          "raced-s",
+          "raced-del",
+        );
+      }
+    });
+    requestIds.push("raced-req");
+    try {
+      await assert.rejects(
+        stack.publisher.createInstance({
+          podName: "raced",
+          sandboxId: "s",
+          userData,
+          requestId: "raced-req",
+        }),
+        (error: unknown) =>
+          error instanceof ByomError &&
+          error.code === "NOT_OWNER" &&
+          /no longer claimed by allocation raced-s .*nothing written$/.test(
+            error.message,
+          ),
+      );
+    } finally {
+      stop();
+    }
+    await raced;
+    const ip = racedIp!;
+    assert.deepEqual(
+      await readdir(stack.vms.sandbox.vm(ip).cidataDir),
+      [],
+      "nothing written to the VM",
+    );
+    // The delete would now reboot the VM and free it.
+    await stack.agent.leases.free(ip, {
+      from: ["releasing"],
+      allocationId: "raced-s",
+    });
     await invariants();
   });
 
