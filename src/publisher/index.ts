@@ -161,8 +161,14 @@ function deleteRequestOf(
     deadline: new Date(Date.now() + timeoutMs).toISOString(),
   };
 }
-/** Room for the envelope around user-data when checking the payload size. */
+/** Wait past the timeout, for an answer sent just in time. */
 const graceMs = 2000;
+/** First read of the result bucket while waiting for an answer. */
+const firstResultPollMs = 1000;
+
+function nextPollMs(pollMs: number): number {
+  return Math.min(Math.max(pollMs * 2, 500), 5000);
+}
 
 /** Creates a publisher over an existing NATS connection. */
 export function createPublisher(options: PublisherOptions): Publisher {
@@ -287,7 +293,7 @@ class PublisherImpl implements Publisher {
       const reply = firstMessage(subscription);
       const requestHeaders = headers();
       requestHeaders.set(Header.ReplyTo, inbox);
-      await this.#js.publish(
+      const ack = await this.#js.publish(
         requestSubject(this.#options.names, request.kind),
         payload,
         {
@@ -296,13 +302,19 @@ class PublisherImpl implements Publisher {
           timeout: Math.min(timeoutMs, 10_000),
         },
       );
-      log.debug({ bytes: payload.length }, "request published");
+      log.debug(
+        { bytes: payload.length, duplicate: ack.duplicate },
+        "request published",
+      );
 
-      const data = await withTimeout(reply, timeoutMs + graceMs);
-      const result =
-        data === undefined
-          ? await this.status(request.requestId)
-          : decodeResult(data);
+      const result = await this.#awaitResult(
+        reply,
+        request.requestId,
+        timeoutMs + graceMs,
+        // A duplicate was answered (or is being served) for an earlier
+        // send, to that send's inbox: read the result bucket at once.
+        ack.duplicate ? 0 : firstResultPollMs,
+      );
       if (result === undefined) {
         throw new UnavailableError(
           `no result for request ${request.requestId} within ${timeoutMs} ms; is an agent running? (retry with the same request id)`,
@@ -324,6 +336,39 @@ class PublisherImpl implements Publisher {
       );
     } finally {
       subscription.unsubscribe();
+    }
+  }
+
+  /**
+   * The result of `requestId`: from the reply subject, or from the result
+   * bucket, read after `firstPollMs` and then at growing intervals. An
+   * agent does not answer again a request answered before (a retry with
+   * the same id, an id used before): its answer is only in the bucket.
+   */
+  async #awaitResult(
+    reply: Promise<Uint8Array | undefined>,
+    requestId: string,
+    waitMs: number,
+    firstPollMs: number,
+  ): Promise<Result | undefined> {
+    const until = Date.now() + waitMs;
+    for (let pollMs = firstPollMs; ; pollMs = nextPollMs(pollMs)) {
+      const data = await withTimeout(
+        reply,
+        Math.max(0, Math.min(pollMs, until - Date.now())),
+      );
+      if (data !== undefined) {
+        return decodeResult(data);
+      }
+      if (Date.now() >= until) {
+        return this.status(requestId);
+      }
+      // NATS trouble on a read here is not the request's failure: the
+      // reply or a later read may still come.
+      const stored = await this.status(requestId).catch(() => undefined);
+      if (stored !== undefined) {
+        return stored;
+      }
     }
   }
 

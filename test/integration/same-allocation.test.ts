@@ -299,6 +299,19 @@ describe("one allocation, several requests at once", () => {
     const ip = first.instance.id;
     live[ip] = "reuse-a-s";
 
+    // The same create sent again (a retry): JetStream drops the duplicate
+    // and the stored answer is read at once, not at the timeout.
+    const sentAgain = Date.now();
+    const again = await stack.publisher.createInstance({
+      podName: "reuse-a",
+      sandboxId: "s",
+      userData,
+      requestId: "reused-1",
+      timeoutMs: 60_000,
+    });
+    assert.equal(again.instance.id, ip);
+    assert.ok(Date.now() - sentAgain < 30_000, "answered before the timeout");
+
     // Within JetStream's duplicate window: the publish is dropped, and the
     // stored result answered another pod.
     await assert.rejects(
@@ -307,6 +320,7 @@ describe("one allocation, several requests at once", () => {
         sandboxId: "s",
         userData,
         requestId: "reused-1",
+        timeoutMs: 60_000,
       }),
       (error: unknown) =>
         error instanceof ByomError &&
