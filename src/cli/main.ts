@@ -46,3 +46,11 @@ for (const stream of [process.stdout, process.stderr]) {
 }
 
 process.exitCode = await main(process.argv);
+// The command has finished and closed what it opened. A handle it could
+// not close (a NATS connection whose connect timed out can complete later
+// and stay open) must not keep the process, and its exit code, from the
+// caller: flush the output, then exit.
+for (const stream of [process.stdout, process.stderr]) {
+  await new Promise<void>((resolve) => stream.write("", () => resolve()));
+}
+process.exit();

@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
+import { once } from "node:events";
+import { createServer, type AddressInfo } from "node:net";
 import { randomBytes } from "node:crypto";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -76,6 +78,26 @@ describe("byom config check", () => {
     );
     assert.equal(run.stdout, "");
   });
+
+  it(
+    "exits 7 when NATS accepts the connection but never speaks, not hanging on the late socket",
+    { timeout: 30_000 },
+    async () => {
+      const silent = createServer((socket) => socket.on("error", () => {}));
+      silent.listen(0, "127.0.0.1");
+      await once(silent, "listening");
+      const { port } = silent.address() as AddressInfo;
+      try {
+        const run = await byom(["pool", "list", "--json"], {
+          NATS_URL: `nats://127.0.0.1:${port}`,
+        });
+        assert.equal(run.code, 7, run.stderr);
+        assert.match(run.stdout, /"code":"UNAVAILABLE".*timeout/);
+      } finally {
+        silent.close();
+      }
+    },
+  );
 
   it("exits 2 for an empty pool with --require-pool", async () => {
     const run = await byom(["config", "check", "--require-pool"], {});
