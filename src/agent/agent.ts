@@ -22,7 +22,9 @@ import {
 import { errorFields, silentLogger, type Logger } from "../logging/index.js";
 import {
   Header,
+  LeaseState,
   RequestKind,
+  canonicalIp,
   decodeRequest,
   decodeResult,
   requestDigest,
@@ -280,6 +282,23 @@ class AgentImpl implements Agent {
     };
   }
 
+  /**
+   * True for an answered delete whose release is still its own to finish:
+   * the lease is `releasing` for this request (its follow-up was handed
+   * back, or its agent died before the VM reset).
+   */
+  async #releaseUnfinished(request: Request): Promise<boolean> {
+    if (request.kind !== RequestKind.Delete) {
+      return false;
+    }
+    const ip = canonicalIp(request.instanceId);
+    const lease = ip === undefined ? undefined : await this.leases.get(ip);
+    return (
+      lease?.record.state === LeaseState.Releasing &&
+      lease.record.releaseRequestId === request.requestId
+    );
+  }
+
   /** Whether the result bucket holds a result for `requestId`. */
   async #answered(requestId: string): Promise<boolean> {
     return (await this.#results?.get(requestId))?.operation === "PUT";
@@ -472,12 +491,13 @@ class AgentImpl implements Agent {
       );
       return { result: earlier };
     }
-    if (earlier !== undefined && request.kind === RequestKind.Create) {
+    if (earlier !== undefined && !(await this.#releaseUnfinished(request))) {
       // Served and answered, but the ack was lost (NATS trouble), or sent
-      // again: serving it again could lease a VM for a pod deleted meanwhile.
+      // again: serving a create again could lease a VM for a pod deleted
+      // meanwhile, a delete could reboot the VM of the pod leased since.
       log.info(
         { deliveries: message.info.deliveryCount },
-        "create was answered before; not serving it again",
+        "request was answered before; not serving it again",
       );
       return { result: earlier };
     }

@@ -361,7 +361,8 @@ class PublisherImpl implements Publisher {
         return decodeResult(data);
       }
       if (Date.now() >= until) {
-        return this.status(requestId);
+        // A failed last read is no answer either: the caller says so.
+        return this.status(requestId).catch(() => undefined);
       }
       // NATS trouble on a read here is not the request's failure: the
       // reply or a later read may still come.

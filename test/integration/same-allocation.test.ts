@@ -359,4 +359,54 @@ describe("one allocation, several requests at once", () => {
     assert.equal((await stack.agent.leases.get(ip))?.record.state, "ready");
     await invariants();
   });
+
+  it("does nothing to the VM's next pod when a finished delete is sent again after the duplicate window", async () => {
+    const ip = Object.keys(live).find((key) => live[key] === "reuse-a-s")!;
+    requestIds.push("again-del", "again-next");
+    await stack.publisher.deleteInstance({
+      instanceId: ip,
+      requestId: "again-del",
+    });
+    delete live[ip];
+    await waitFor(
+      async () => (await stack.agent.leases.get(ip))?.record.state === "free",
+      { timeoutMs: 20_000, what: `${ip} to reset and be free` },
+    );
+    const next = await stack.publisher.createInstance({
+      podName: "next",
+      sandboxId: "s",
+      userData,
+      requestId: "again-next",
+    });
+    assert.equal(next.instance.id, ip, "the only free VM");
+    live[ip] = "next-s";
+    const bootsBefore = stack.vms.sandbox.vm(ip).boots;
+
+    // The same delete again, as a retry past JetStream's duplicate window
+    // (a new message id) or a redelivery whose ack was lost.
+    const replyHeaders = headers();
+    replyHeaders.set(Header.ReplyTo, createInbox());
+    replyHeaders.set(Header.MsgId, "again-del-later");
+    await jetstream(stack.clientConnection).publish(
+      requestSubject(stack.names, "delete"),
+      JSON.stringify({
+        v: 1,
+        kind: "delete",
+        requestId: "again-del",
+        instanceId: ip,
+        requestingNode: "node-a",
+        deadline: new Date(Date.now() + 30_000).toISOString(),
+      }),
+      { headers: replyHeaders },
+    );
+    const jsm = await jetstreamManager(stack.clientConnection);
+    await waitFor(
+      async () =>
+        (await jsm.streams.info(stack.names.stream)).state.messages === 0,
+      { what: "the delete to be taken and acked" },
+    );
+    assert.equal(stack.vms.sandbox.vm(ip).boots, bootsBefore);
+    assert.equal((await stack.agent.leases.get(ip))?.record.state, "ready");
+    await invariants();
+  });
 });
