@@ -71,6 +71,40 @@ describe("one allocation, several requests at once", () => {
     };
   }
 
+  /**
+   * Publishes a delete with request id `requestId` under a new message id
+   * (as a retry past JetStream's duplicate window would be) and waits
+   * until an agent has taken and acked it.
+   */
+  async function deleteAfterDuplicateWindow(
+    requestId: string,
+    ip: string,
+    allocationId?: string,
+  ): Promise<void> {
+    const replyHeaders = headers();
+    replyHeaders.set(Header.ReplyTo, createInbox());
+    replyHeaders.set(Header.MsgId, `${requestId}-later`);
+    await jetstream(stack.clientConnection).publish(
+      requestSubject(stack.names, "delete"),
+      JSON.stringify({
+        v: 1,
+        kind: "delete",
+        requestId,
+        instanceId: ip,
+        ...(allocationId === undefined ? {} : { allocationId }),
+        requestingNode: "node-a",
+        deadline: new Date(Date.now() + 30_000).toISOString(),
+      }),
+      { headers: replyHeaders },
+    );
+    const jsm = await jetstreamManager(stack.clientConnection);
+    await waitFor(
+      async () =>
+        (await jsm.streams.info(stack.names.stream)).state.messages === 0,
+      { what: "the delete to be taken and acked" },
+    );
+  }
+
   async function invariants(): Promise<void> {
     await assertInvariants({
       leases: stack.agent.leases,
@@ -333,28 +367,7 @@ describe("one allocation, several requests at once", () => {
     // After the window (a new message id): the agent must not run a delete
     // it cannot answer.
     const bootsBefore = stack.vms.sandbox.vm(ip).boots;
-    const replyHeaders = headers();
-    replyHeaders.set(Header.ReplyTo, createInbox());
-    replyHeaders.set(Header.MsgId, "reused-1-later");
-    await jetstream(stack.clientConnection).publish(
-      requestSubject(stack.names, "delete"),
-      JSON.stringify({
-        v: 1,
-        kind: "delete",
-        requestId: "reused-1",
-        instanceId: ip,
-        allocationId: "reuse-a-s",
-        requestingNode: "node-a",
-        deadline: new Date(Date.now() + 30_000).toISOString(),
-      }),
-      { headers: replyHeaders },
-    );
-    const jsm = await jetstreamManager(stack.clientConnection);
-    await waitFor(
-      async () =>
-        (await jsm.streams.info(stack.names.stream)).state.messages === 0,
-      { what: "the delete to be taken and acked" },
-    );
+    await deleteAfterDuplicateWindow("reused-1", ip, "reuse-a-s");
     assert.equal(stack.vms.sandbox.vm(ip).boots, bootsBefore);
     assert.equal((await stack.agent.leases.get(ip))?.record.state, "ready");
     await invariants();
@@ -384,27 +397,7 @@ describe("one allocation, several requests at once", () => {
 
     // The same delete again, as a retry past JetStream's duplicate window
     // (a new message id) or a redelivery whose ack was lost.
-    const replyHeaders = headers();
-    replyHeaders.set(Header.ReplyTo, createInbox());
-    replyHeaders.set(Header.MsgId, "again-del-later");
-    await jetstream(stack.clientConnection).publish(
-      requestSubject(stack.names, "delete"),
-      JSON.stringify({
-        v: 1,
-        kind: "delete",
-        requestId: "again-del",
-        instanceId: ip,
-        requestingNode: "node-a",
-        deadline: new Date(Date.now() + 30_000).toISOString(),
-      }),
-      { headers: replyHeaders },
-    );
-    const jsm = await jetstreamManager(stack.clientConnection);
-    await waitFor(
-      async () =>
-        (await jsm.streams.info(stack.names.stream)).state.messages === 0,
-      { what: "the delete to be taken and acked" },
-    );
+    await deleteAfterDuplicateWindow("again-del", ip);
     assert.equal(stack.vms.sandbox.vm(ip).boots, bootsBefore);
     assert.equal((await stack.agent.leases.get(ip))?.record.state, "ready");
     await invariants();
