@@ -25,6 +25,6 @@ export interface AgentContext {
    * reset VM's lease) is retried before the request is handed back.
    */
   readonly natsRetryMs: number;
-  /** Whether a request has a stored result (absent: no result bucket). */
-  readonly answered?: (requestId: string) => Promise<boolean>;
+  /** Whether a request has a stored result (false without a result bucket). */
+  readonly answered: (requestId: string) => Promise<boolean>;
 }

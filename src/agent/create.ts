@@ -72,7 +72,7 @@ export async function handleCreate(
       lease.record.state === LeaseState.Claimed &&
       other !== undefined &&
       other !== request.requestId &&
-      !(await answered(context, other))
+      !(await context.answered(other))
     ) {
       // Another request of this allocation (a retry sent while the first
       // still runs) is delivering to this VM: two writers would remove
@@ -312,13 +312,6 @@ async function stillClaimed(
 /** Polling of a lease that another request of the allocation holds. */
 const otherRequestPollMs = { first: 100, max: 1000 };
 
-async function answered(
-  context: AgentContext,
-  requestId: string,
-): Promise<boolean> {
-  return (await context.answered?.(requestId)) ?? false;
-}
-
 /**
  * Waits while `lease` stays claimed by request `other` and `other` has no
  * answer. Resolves true when the lease changed (decide again), false when
@@ -353,7 +346,7 @@ async function waitForOtherRequest(
     if (now?.revision !== lease.revision) {
       return true;
     }
-    if (await answered(context, other)) {
+    if (await context.answered(other)) {
       return false;
     }
   }

@@ -162,26 +162,34 @@ export async function loadAgentKey(
 export async function loadAgentSealing(
   config: ByomConfig,
   logger?: Logger,
-): Promise<Pick<AgentOptions, "unseal" | "requireSealed">> {
+): Promise<{
+  options: Pick<AgentOptions, "unseal" | "requireSealed">;
+  /** Public keys of the seeds; empty when sealing is off. */
+  publicKeys: string[];
+}> {
   if (config.sealingSeedFile === "") {
     if (config.sealedRequired) {
       throw new ConfigError(
         "BYOM_REQUIRE_SEALED=true (requireSealed) needs BYOM_SEALING_SEED_FILE (sealingSeedFile): without a seed the agent could open no user-data",
       );
     }
-    return { requireSealed: false };
+    return { options: { requireSealed: false }, publicKeys: [] };
   }
   const seeds = await loadSealingSeeds(config.sealingSeedFile);
+  const publicKeys = seeds.map((seed) => sealingPublicKeyOf(seed));
   logger?.info(
     {
       seedFiles: config.sealingSeedFile,
-      publicKeys: seeds.map((seed) => sealingPublicKeyOf(seed)),
+      publicKeys,
       requireSealed: config.sealedRequired,
     },
     "sealed user-data enabled",
   );
   return {
-    unseal: createUnsealer(seeds),
-    requireSealed: config.sealedRequired,
+    options: {
+      unseal: createUnsealer(seeds),
+      requireSealed: config.sealedRequired,
+    },
+    publicKeys,
   };
 }

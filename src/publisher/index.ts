@@ -161,6 +161,7 @@ function deleteRequestOf(
     deadline: new Date(Date.now() + timeoutMs).toISOString(),
   };
 }
+
 /** Wait past the timeout, for an answer sent just in time. */
 const graceMs = 2000;
 /** First read of the result bucket while waiting for an answer. */

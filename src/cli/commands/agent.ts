@@ -129,7 +129,7 @@ export async function runAgent(
       releaseTimeoutMs: config.releaseTimeoutMs,
       shutdownTimeoutMs: config.shutdownTimeoutMs,
       quarantineProbeIntervalMs: config.quarantineProbeIntervalMs,
-      ...(await loadAgentSealing(config, logger)),
+      ...(await loadAgentSealing(config, logger)).options,
       logger,
     });
     metrics.attachAgent(agent);

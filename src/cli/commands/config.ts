@@ -12,7 +12,6 @@ import {
 } from "../../config/index.js";
 import { ConfigError } from "../../errors/index.js";
 import { readAllowlistDir } from "../../hostkeys/index.js";
-import { loadSealingSeeds, sealingPublicKeyOf } from "../../sealing/index.js";
 
 /** Pools longer than this are shortened in the human output. */
 const fullPoolLimit = 20;
@@ -62,7 +61,7 @@ export function registerConfigCommands(program: Command): void {
       let agent: AgentReport | undefined;
       if (options.agent === true) {
         const key = await loadAgentKey(loaded);
-        await loadAgentSealing(loaded);
+        const sealing = await loadAgentSealing(loaded);
         const allowlist = await checkAllowlist(loaded);
         notes.push(...allowlist.warnings);
         agent = {
@@ -71,7 +70,7 @@ export function registerConfigCommands(program: Command): void {
             type: key.type,
             fingerprint: key.publicFingerprint,
           },
-          sealingPublicKeys: await sealingPublicKeys(loaded),
+          sealingPublicKeys: sealing.publicKeys,
           hostKeys:
             allowlist.keys === undefined
               ? "trust on first use (SSH_HOST_KEY_ALLOWLIST_DIR not set)"
@@ -140,14 +139,6 @@ interface AgentReport {
   /** Public keys of the sealing seeds (empty: sealing off). */
   sealingPublicKeys: string[];
   hostKeys: string;
-}
-
-async function sealingPublicKeys(config: ByomConfig): Promise<string[]> {
-  if (config.sealingSeedFile === "") {
-    return [];
-  }
-  const seeds = await loadSealingSeeds(config.sealingSeedFile);
-  return seeds.map((seed) => sealingPublicKeyOf(seed));
 }
 
 function formatAgent(agent: AgentReport): string {
