@@ -1,37 +1,56 @@
 import { ByomError } from "../../src/errors/index.js";
 import type { Publisher } from "../../src/publisher/index.js";
 
+/** How {@link untilAnswered} retries. */
+export interface RetryPlan {
+  /** The first request id; later ones get a suffix. */
+  requestId: string;
+  /** Every request id sent is pushed here (each must be answered once). */
+  used: string[];
+  /** The stored result of a request id, if any (publisher.status). */
+  status: (requestId: string) => Promise<unknown>;
+  retries: { count: number };
+  untilMs: number;
+}
+
 /**
- * Sends `send` until it is answered: a retryable failure (the answer was
- * lost to a fault) sends again with the same request id, which JetStream
- * de-duplicates and the agent answers once. Gives up on any other error
- * or after `untilMs`.
+ * Sends until answered, as a careful client does. A retryable failure
+ * with no stored answer (lost to a fault) is sent again with the same
+ * request id, which JetStream de-duplicates and the agent answers once;
+ * one the agent answered (EXPIRED, say) keeps that answer, so the retry
+ * gets a new request id. Gives up on any other error or after `untilMs`.
  */
 export async function untilAnswered<T>(
-  send: () => Promise<T>,
-  retries: { count: number },
-  untilMs: number,
+  send: (requestId: string) => Promise<T>,
+  plan: RetryPlan,
 ): Promise<T> {
-  for (;;) {
+  let requestId = plan.requestId;
+  plan.used.push(requestId);
+  for (let attempt = 1; ; attempt += 1) {
     try {
-      return await send();
+      return await send(requestId);
     } catch (error) {
       if (
         !(error instanceof ByomError) ||
         !error.retryable ||
-        Date.now() > untilMs
+        Date.now() > plan.untilMs
       ) {
         throw error;
       }
-      retries.count += 1;
+      plan.retries.count += 1;
+      const answered = await plan.status(requestId).catch(() => undefined);
+      if (answered !== undefined) {
+        requestId = `${plan.requestId}-${attempt}`;
+        plan.used.push(requestId);
+      }
     }
   }
 }
 
 /**
- * Creates `count` pods at once, each with one request id that is sent
- * again on a retryable failure until `untilMs`. Returns the live leases
- * (`ip -> allocation id`), the request ids and how many sends were
+ * Creates `count` pods at once, retrying a retryable failure until
+ * `untilMs` ({@link untilAnswered}). Returns the live leases
+ * (`ip -> allocation id`), every request id sent and how many sends were
  * repeated.
  */
 export async function createAll(
@@ -46,14 +65,11 @@ export async function createAll(
   retries: number;
 }> {
   const retries = { count: 0 };
-  const requestIds = Array.from(
-    { length: count },
-    (_, index) => `${prefix}-req-${index}`,
-  );
+  const requestIds: string[] = [];
   const created = await Promise.all(
-    requestIds.map((requestId, index) =>
+    Array.from({ length: count }, (_, index) =>
       untilAnswered(
-        () =>
+        (requestId) =>
           publisher.createInstance({
             podName: `${prefix}-${index}`,
             sandboxId: "s",
@@ -61,8 +77,13 @@ export async function createAll(
             requestId,
             timeoutMs: 8000,
           }),
-        retries,
-        untilMs,
+        {
+          requestId: `${prefix}-req-${index}`,
+          used: requestIds,
+          status: (id) => publisher.status(id),
+          retries,
+          untilMs,
+        },
       ),
     ),
   );

@@ -106,7 +106,13 @@ export async function assertInvariants(
       continue;
     }
     assert.ok(answers.length <= 1, `request ${requestId} answered once`);
-    const stored = await options.results.get(requestId);
+    // Right after a node was killed a read can time out while the bucket
+    // elects a leader: read again.
+    const results = options.results;
+    const stored = await waitFor(() => results.get(requestId), {
+      timeoutMs: 20_000,
+      what: `a read of the result of ${requestId}`,
+    });
     assert.equal(stored?.operation, "PUT", `request ${requestId} has a result`);
   }
   if (options.results !== undefined) {

@@ -161,13 +161,17 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
    */
   async function round(index: number, victim: number): Promise<number> {
     const retries = { count: 0 };
-    const createIds = Array.from(
-      { length: pods },
-      (_, pod) => `r${index}-create-${pod}`,
-    );
-    const creates = createIds.map((requestId, pod) =>
+    const plan = (requestId: string, used: string[]) => ({
+      requestId,
+      used,
+      status: (id: string) => publisher.status(id),
+      retries,
+      untilMs: Date.now() + 60_000,
+    });
+    const createIds: string[] = [];
+    const creates = Array.from({ length: pods }, (_, pod) =>
       untilAnswered(
-        () =>
+        (requestId) =>
           publisher.createInstance({
             podName: `r${index}-${pod}`,
             sandboxId: "s",
@@ -175,8 +179,7 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
             requestId,
             timeoutMs: 20_000,
           }),
-        retries,
-        Date.now() + 60_000,
+        plan(`r${index}-create-${pod}`, createIds),
       ),
     );
     await waitFor(async () => (await agents[1]!.leases.counts()).ready >= 2, {
@@ -208,21 +211,18 @@ describe("NATS faults: a 3-node cluster loses a node", () => {
     }
 
     // Two of three nodes keep the quorum: deletes work too.
-    const deleteIds = Object.keys(live).map(
-      (_, pod) => `r${index}-delete-${pod}`,
-    );
+    const deleteIds: string[] = [];
     await Promise.all(
       Object.entries(live).map(([ip, allocationId], pod) =>
         untilAnswered(
-          () =>
+          (requestId) =>
             publisher.deleteInstance({
               instanceId: ip,
               allocationId,
-              requestId: deleteIds[pod]!,
+              requestId,
               timeoutMs: 20_000,
             }),
-          retries,
-          Date.now() + 60_000,
+          plan(`r${index}-delete-${pod}`, deleteIds),
         ),
       ),
     );

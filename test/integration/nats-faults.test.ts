@@ -88,19 +88,24 @@ describe("NATS faults: a restarted server", () => {
 
     // The restarted server serves deletes; every VM resets and comes back.
     const deleteRetries = { count: 0 };
-    const deleteIds = Object.keys(live).map((_, pod) => `restart-del-${pod}`);
+    const deleteIds: string[] = [];
     await Promise.all(
       Object.entries(live).map(([ip, allocationId], pod) =>
         untilAnswered(
-          () =>
+          (requestId) =>
             stack.publisher.deleteInstance({
               instanceId: ip,
               allocationId,
-              requestId: deleteIds[pod]!,
+              requestId,
               timeoutMs: 20_000,
             }),
-          deleteRetries,
-          Date.now() + 60_000,
+          {
+            requestId: `restart-del-${pod}`,
+            used: deleteIds,
+            status: (id) => stack.publisher.status(id),
+            retries: deleteRetries,
+            untilMs: Date.now() + 60_000,
+          },
         ),
       ),
     );
